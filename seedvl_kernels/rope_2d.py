@@ -27,7 +27,8 @@ import triton.language as tl
 from . import _backends, _dispatch, _validate
 
 OP = "rope_2d"
-DTYPES = _backends.FLOAT_DTYPES
+DTYPES = _backends.FLOAT_DTYPES  # kernels
+REF_DTYPES = (*DTYPES, torch.float64)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -40,20 +41,25 @@ def inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") ->
     return (1.0 / theta ** (j / quarter)).to(torch.float32)
 
 
-def rope_2d_angles(pos_hw: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """(T, D/2) fp32 rotation angles of each token."""
-    f = inv_freq(head_dim, theta, pos_hw.device)
-    pos = pos_hw.to(torch.float32)
+def rope_2d_angles(
+    pos_hw: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(T, D/2) rotation angles of each token, in ``dtype`` (fp32 as the kernels compute them)."""
+    f = inv_freq(head_dim, theta, pos_hw.device).to(dtype)
+    pos = pos_hw.to(dtype)
     return torch.cat([pos[:, :1] * f, pos[:, 1:2] * f], dim=-1)
 
 
-def rope_2d_ref(x: torch.Tensor, pos_hw: torch.Tensor, theta: float = 10000.0, inverse: bool = False) -> torch.Tensor:
-    """Pure-PyTorch rope_2d (the spec): fp32 math, result in x's dtype."""
-    angle = rope_2d_angles(pos_hw, x.shape[-1], theta)[:, None, :]  # (T, 1, D/2)
+def rope_2d_ref(
+    x: torch.Tensor, pos_hw: torch.Tensor, theta: float = 10000.0, inverse: bool = False
+) -> torch.Tensor:
+    """Pure-PyTorch rope_2d (the spec): fp32 math (fp64 for fp64 input), result in x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    angle = rope_2d_angles(pos_hw, x.shape[-1], theta, compute)[:, None, :]  # (T, 1, D/2)
     cos, sin = angle.cos(), angle.sin()
     if inverse:
         sin = -sin
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -108,11 +114,15 @@ def _rope_2d_fwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch_ref(x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool) -> None:
+def _launch_ref(
+    x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool
+) -> None:
     out.copy_(rope_2d_ref(x, pos_hw, theta, inverse))
 
 
-def _launch_triton(x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool) -> None:
+def _launch_triton(
+    x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool
+) -> None:
     T, H, D = x.shape
     if T == 0 or H == 0:
         return
@@ -137,7 +147,9 @@ def _launch_triton(x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, the
     )
 
 
-def _launch_cuda(x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool) -> None:
+def _launch_cuda(
+    x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool
+) -> None:
     dl = _backends.dl
     _backends.C.rope_2d(dl(x), dl(pos_hw), dl(out), float(theta), bool(inverse), _backends.stream_of(x))
 
@@ -152,7 +164,9 @@ _dispatch.register(OP, "cuda", _backends.cuda_support_for(OP, DTYPES))
 
 
 @torch.library.custom_op("seedvl::rope_2d", mutates_args=())
-def _rope_2d_op(x: torch.Tensor, pos_hw: torch.Tensor, theta: float, inverse: bool, impl: str) -> torch.Tensor:
+def _rope_2d_op(
+    x: torch.Tensor, pos_hw: torch.Tensor, theta: float, inverse: bool, impl: str
+) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _LAUNCH[impl](x, pos_hw, out, theta, inverse)
     return out
@@ -196,8 +210,8 @@ def rope_2d(
     """Rotate each token's head vectors by its (row, col) position.
 
     Args:
-        x: (T, H, D) float32/float16/bfloat16, D a multiple of 4, last dim contiguous (a strided
-            view such as q of a fused qkv is fine).
+        x: (T, H, D) float32/float16/bfloat16 (float64: reference only), D a multiple of 4,
+            last dim contiguous (a strided view such as q of a fused qkv is fine).
         pos_hw: (T, 2) int32, (row, col) of each patch inside its image, on x's device.
         theta: RoPE base.
         inverse: rotate by the negated angles (the adjoint; used by fused backward passes).
@@ -209,7 +223,7 @@ def rope_2d(
     _validate.tensor("x", x)
     _validate.tensor("pos_hw", pos_hw)
     _validate.ndim("x", x, 3, "(T, H, D)")
-    _validate.dtype("x", x, DTYPES)
+    _validate.dtype("x", x, REF_DTYPES)
     if x.shape[-1] % 4 != 0 or x.shape[-1] == 0:
         raise ValueError(f"x: head dim D must be a positive multiple of 4, got {x.shape[-1]}")
     _validate.last_dim_contiguous("x", x)

@@ -1,0 +1,44 @@
+# Common loops. `make help` lists them.
+PY ?= python3
+
+.PHONY: help install build test test-gpu bench lint format gpu-pass info clean
+
+help:
+	@echo "install   editable install with dev tools (builds seedvl_kernels._C when nvcc exists)"
+	@echo "build     rebuild the extension in place after editing csrc/ (no build isolation)"
+	@echo "test      pytest (CPU: reference + Triton interpreter; GPU tests skip without a GPU)"
+	@echo "test-gpu  pytest -m gpu"
+	@echo "bench     pytest bench/ (results JSON under bench/results/ on a GPU)"
+	@echo "lint      ruff check + ruff format --check"
+	@echo "gpu-pass  build + GPU tests + benchmarks in one go (scripts/gpu_pass.sh)"
+	@echo "info      python -m seedvl_kernels.info"
+
+install:
+	$(PY) -m pip install -e ".[dev]"
+
+build:
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test:
+	$(PY) -m pytest
+
+test-gpu:
+	$(PY) -m pytest -m gpu -v
+
+bench:
+	$(PY) -m pytest bench/
+
+lint:
+	ruff check . && ruff format --check .
+
+format:
+	ruff format . && ruff check --fix .
+
+gpu-pass:
+	bash scripts/gpu_pass.sh
+
+info:
+	$(PY) -m seedvl_kernels.info
+
+clean:
+	rm -rf build/ *.egg-info .pytest_cache .ruff_cache

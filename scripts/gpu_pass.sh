@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole GPU pass in one command: build the extension with every core, run the GPU tests and the
+# benchmarks, and leave logs plus result JSON in $OUT (default ./out). Meant for one call of a
+# lent GPU machine (see ../shared/GPU.md) and equally for a developer's own GPU box.
+#
+#   bash scripts/gpu_pass.sh                 # everything
+#   PYTEST_ARGS="-k rope" bash scripts/gpu_pass.sh
+#
+# Wheels missing on an offline machine (nvidia-cutlass, nvtx) may be carried in .whl/; they are
+# installed into /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -v -e . >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+
+python3 -m seedvl_kernels.info | tee "$OUT/info.txt"
+python3 -m seedvl_kernels.info --json >"$OUT/info.json"
+
+python3 -m pytest -m gpu -v -rs ${PYTEST_ARGS:-} tests/ 2>&1 | tee "$OUT/test_gpu.log" || status=1
+python3 -m pytest bench/ -q -rs ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
+cp bench/results/*.json "$OUT/" 2>/dev/null || true
+exit $status

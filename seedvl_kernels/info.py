@@ -1,0 +1,151 @@
+"""What this install can do: ``python -m seedvl_kernels.info [--json]``.
+
+Reports the versions of torch, triton and CUDA, whether the extension ``_C`` was built and for
+which architectures, the GPU if any, and for each op which implementations can serve a call here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+import seedvl_kernels
+
+from . import _backends, _dispatch
+
+
+def _nvcc_version() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release ([\d.]+)", out)
+    return match.group(1) if match else None
+
+
+def _driver_version() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def _gpu() -> dict[str, Any] | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "capability": f"sm_{props.major}{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+        "count": torch.cuda.device_count(),
+        "driver": _driver_version(),
+    }
+
+
+def _extension() -> dict[str, Any]:
+    C = _backends.C
+    if C is None:
+        return {"built": False, "reason": _backends.C_IMPORT_ERROR}
+    runtime = int(C.cuda_runtime_version)
+    return {
+        "built": True,
+        "archs": [f"sm_{a}" for a in C.cuda_archs],
+        "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
+        "ops": list(C.ops),
+        "cutlass_include": C.cutlass_include,
+    }
+
+
+def _ops(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, str]]:
+    table: dict[str, dict[str, str]] = {}
+    for op in _dispatch.ops():
+        row = {}
+        for impl in _dispatch.IMPLS:
+            reason = _dispatch.unavailable_reason(op, impl, device, dtype)
+            row[impl] = "available" if reason is None else f"unavailable: {reason}"
+        try:
+            row["auto"] = _dispatch.resolve(op, "auto", device, dtype)
+        except _dispatch.ImplUnavailableError as err:
+            row["auto"] = f"unavailable: {err}"
+        table[op] = row
+    return table
+
+
+def collect() -> dict[str, Any]:
+    """Everything the report shows, as a JSON-serialisable dict."""
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    return {
+        "seedvl_kernels": seedvl_kernels.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _backends.triton_version(),
+        "triton_interpret": _backends.triton_interpret(),
+        "nvcc": _nvcc_version(),
+        "extension": _extension(),
+        "gpu": _gpu(),
+        "ops_device": f"{device.type} {str(dtype).replace('torch.', '')}",
+        "ops": _ops(device, dtype),
+    }
+
+
+def _print(info: dict[str, Any]) -> None:
+    ext = info["extension"]
+    gpu = info["gpu"]
+    print(f"seedvl_kernels {info['seedvl_kernels']} (python {info['python']})")
+    print(f"  torch   {info['torch']} (CUDA {info['torch_cuda'] or 'none'})")
+    print(f"  triton  {info['triton'] or 'not installed'}" + (" [interpreter]" if info["triton_interpret"] else ""))
+    print(f"  nvcc    {info['nvcc'] or 'not found'}")
+    if ext["built"]:
+        print(f"  _C      built for {', '.join(ext['archs'])} (CUDA runtime {ext['cuda_runtime']}), ops: "
+              f"{', '.join(ext['ops'])}")
+    else:
+        print(f"  _C      not built ({ext['reason']})")
+    if gpu:
+        print(f"  GPU     {gpu['name']} ({gpu['capability']}, {gpu['memory_gib']} GiB, {gpu['count']} device(s), "
+              f"driver {gpu['driver']})")
+    else:
+        print("  GPU     none")
+    print(f"implementations for {info['ops_device']} tensors:")
+    width = max((len(op) for op in info["ops"]), default=0)
+    for op, row in info["ops"].items():
+        cells = "  ".join(f"{impl}:{'yes' if row[impl] == 'available' else 'no '}" for impl in _dispatch.IMPLS)
+        print(f"  {op:<{width}}  {cells}  auto -> {row['auto']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seedvl_kernels.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="emit JSON (with the reason for every unavailable impl)")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        print()
+    else:
+        _print(info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
