@@ -7,15 +7,28 @@ CUDA implementations; ``impl=`` / :func:`use_impl` / ``SEEDVL_IMPL`` choose betw
 """
 
 from ._dispatch import ImplUnavailableError, implementations, ops, resolve, use_impl
+from .grouped_gemm import grouped_gemm
+from .moe_ffn import moe_ffn
+from .moe_permute import moe_permute, moe_unpermute
 from .rope_2d import rope_2d
+from .route import RouteOutput, route, update_router_bias
+from .varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ImplUnavailableError",
+    "RouteOutput",
+    "grouped_gemm",
     "implementations",
+    "moe_ffn",
+    "moe_permute",
+    "moe_unpermute",
     "ops",
     "resolve",
     "rope_2d",
+    "route",
+    "update_router_bias",
     "use_impl",
+    "varlen_attention",
 ]

@@ -1,0 +1,459 @@
+"""Attention over packed variable-length sequences (SeedViT blocks, per-document causal LLM layers).
+
+Math. Sequence b owns query rows [cu_q[b], cu_q[b+1]) and key rows [cu_k[b], cu_k[b+1]), with
+lengths Lq and Lk; attention never crosses sequences. Query head h reads key/value head
+h // (Hq / Hkv) (grouped-query attention). Per sequence and head, with s = softmax_scale
+(default 1/sqrt(D)):
+
+    S_ij = s * q_i . k_j                       masked to -inf where query i may not see key j
+    lse_i = log sum_j exp(S_ij)                (-inf for a row that sees no key)
+    P_ij = exp(S_ij - lse_i)                   (0 for a row that sees no key)
+    o_i  = sum_j P_ij v_j
+
+Causal masks align bottom-right: query i sees key j iff j <= i + Lk - Lq, so with Lq > Lk the
+first Lq - Lk queries see nothing and give o = 0, lse = -inf. Rows of q past cu_q[-1] are
+padding and give o = 0, lse = -inf; keys past cu_k[-1] are never read. With ``pos_hw`` the op
+first rotates q and k by rope_2d (see :mod:`seedvl_kernels.rope_2d`), rounding to the input dtype
+as a separately called rope_2d would; this needs q and k to share sequences.
+
+Backward, for output gradient dO and a gradient dlse into the log-sum-exp:
+
+    dV = P^T dO                      dP = dO V^T
+    D_i = rowsum(dO_i * o_i) - dlse_i          (d lse_i / d S_ij = P_ij folds into D)
+    dS = P * (dP - D)                dQ = s * dS K        dK = s * dS^T Q
+
+dK and dV of a KV head sum over the query heads that share it. With ``pos_hw``, dq and dk are
+the gradients of the rotated q and k rotated back (a rotation's adjoint is its inverse).
+The backward takes ``out`` and ``lse`` as arguments instead of recomputing them: P comes from
+S and lse in one pass, and ring attention calls it with the *global* out and lse (merged over all
+key blocks) to get each key block's share of the gradient.
+
+Shapes: q (T, Hq, D), k and v (Tk, Hkv, D), cu_seqlens (B+1,) int32, pos_hw (T, 2) int32;
+out (T, Hq, D) in q's dtype, lse (Hq, T) fp32 (fp64 for fp64 inputs, so that fp64 tests of
+the ops built on this one keep full precision). Math in fp32 (fp64 for fp64).
+
+Saved for backward: q, k, v as given (unrotated: re-rotating is cheaper than storing copies, and
+is what the fused kernels do), out and lse (see above), cu_seqlens_q/k and pos_hw. Nothing of
+size L^2 is saved; the backward recomputes S.
+
+Cost, with N = sum_b Lq*Lk visible (query, key) pairs (N = sum_b Lq*Lk non-causal, about half
+of that causal): forward 4*N*Hq*D FLOPs (two matmuls), backward 10*N*Hq*D (S recomputed, then
+dV, dP, dQ, dK). A fused kernel moves (2*T*Hq + 2*Tk*Hkv)*D*itemsize + 4*Hq*T bytes forward and
+about twice that backward. The reference here is not that kernel: it materialises S and P of a
+whole sequence (Hq*Lq*Lk elements) and moves cu_seqlens to the host (``.tolist()``) to loop over
+sequences, a device sync that only the reference may do. Implementations: ``ref`` so far.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _backends, _dispatch, _validate
+from .rope_2d import rope_2d_ref
+
+OP = "varlen_attention"
+REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(q0, q1, k0, k1) of each sequence with at least one query and one key (host sync)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    bounds = zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True)
+    return [(q0, q1, k0, k1) for q0, q1, k0, k1 in bounds if q1 > q0 and k1 > k0]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """S of one sequence: q (Lq, Hkv, G, D), k (Lk, Hkv, D) -> (Hkv, G, Lq, Lk), masked to -inf."""
+    s = torch.einsum("qhgd,khd->hgqk", q, k) * scale
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (lk - lq), float("-inf"))
+    return s
+
+
+def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """P = exp(S - lse), exactly 0 (never NaN) on rows whose lse is -inf."""
+    empty = torch.isneginf(lse)[..., None]
+    return torch.exp(s - lse[..., None].masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    pos_hw: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch forward (the spec): returns out (T, Hq, D) in q's dtype and lse (Hq, T)."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    c = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    if pos_hw is not None:
+        q, k = rope_2d_ref(q, pos_hw, rope_theta), rope_2d_ref(k, pos_hw, rope_theta)
+    out = torch.zeros(T, Hq, D, dtype=c, device=q.device)
+    lse = torch.full((Hq, T), float("-inf"), dtype=c, device=q.device)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        qs = q[q0:q1].to(c).unflatten(1, (Hkv, Hq // Hkv))
+        s = _scores(qs, k[k0:k1].to(c), scale, causal)
+        row_lse = torch.logsumexp(s, dim=-1)  # (Hkv, G, Lq); -inf where no key is visible
+        o = torch.einsum("hgqk,khd->qhgd", _probs(s, row_lse), v[k0:k1].to(c))
+        out[q0:q1] = o.flatten(1, 2)
+        lse[:, q0:q1] = row_lse.flatten(0, 1)
+    return out.to(q.dtype), lse
+
+
+def varlen_attention_bwd_ref(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    pos_hw: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch backward (explicit; custom ops cannot use autograd inside): dq, dk, dv.
+
+    ``out`` and ``lse`` may be global results of which this call's keys are one part (ring
+    attention); P is always exp(S - lse) with the lse given.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    c = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qr, kr = q, k
+    if pos_hw is not None:
+        qr, kr = rope_2d_ref(q, pos_hw, rope_theta), rope_2d_ref(k, pos_hw, rope_theta)
+    dq = torch.zeros(T, Hq, D, dtype=c, device=q.device)
+    dk = torch.zeros(k.shape, dtype=c, device=k.device)
+    dv = torch.zeros(v.shape, dtype=c, device=v.device)
+    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        qs = qr[q0:q1].to(c).unflatten(1, (Hkv, G))
+        ks, vs = kr[k0:k1].to(c), v[k0:k1].to(c)
+        do = dout[q0:q1].to(c).unflatten(1, (Hkv, G))
+        p = _probs(_scores(qs, ks, scale, causal), lse[:, q0:q1].to(c).unflatten(0, (Hkv, G)))
+        delta = (do * out[q0:q1].to(c).unflatten(1, (Hkv, G))).sum(-1).permute(1, 2, 0)  # (Hkv, G, Lq)
+        if dlse is not None:
+            delta = delta - dlse[:, q0:q1].to(c).unflatten(0, (Hkv, G))
+        ds = p * (torch.einsum("qhgd,khd->hgqk", do, vs) - delta[..., None])
+        dv[k0:k1] = torch.einsum("hgqk,qhgd->khd", p, do)
+        dq[q0:q1] = (scale * torch.einsum("hgqk,khd->qhgd", ds, ks)).flatten(1, 2)
+        dk[k0:k1] = scale * torch.einsum("hgqk,qhgd->khd", ds, qs)
+    if pos_hw is not None:
+        dq = rope_2d_ref(dq, pos_hw, rope_theta, inverse=True)
+        dk = rope_2d_ref(dk, pos_hw, rope_theta, inverse=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class _Params:
+    """The custom ops' non-data arguments, as every launcher takes them."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    causal: bool
+    softmax_scale: float
+    pos_hw: torch.Tensor | None
+    rope_theta: float
+
+    def ref_args(self) -> tuple:
+        return (
+            self.cu_seqlens_q,
+            self.cu_seqlens_k,
+            self.causal,
+            self.softmax_scale,
+            self.pos_hw,
+            self.rope_theta,
+        )
+
+
+def _launch_fwd_ref(q, k, v, p: _Params, out: torch.Tensor, lse: torch.Tensor) -> None:
+    result = varlen_attention_ref(q, k, v, *p.ref_args())
+    out.copy_(result[0])
+    lse.copy_(result[1])
+
+
+def _launch_bwd_ref(dout, dlse, q, k, v, out, lse, p: _Params, dq, dk, dv) -> None:
+    grads = varlen_attention_bwd_ref(dout, dlse, q, k, v, out, lse, *p.ref_args())
+    for dst, src in zip((dq, dk, dv), grads, strict=True):
+        dst.copy_(src)
+
+
+_LAUNCH_FWD = {"ref": _launch_fwd_ref}
+_LAUNCH_BWD = {"ref": _launch_bwd_ref}
+_dispatch.register(OP, "ref", _backends.ref_support)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+
+
+def _empty_fwd(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    T, Hq, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.empty((Hq, T), dtype=_compute_dtype(q.dtype), device=q.device)
+
+
+def _empty_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+@torch.library.custom_op("seedvl::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    pos_hw: torch.Tensor | None,
+    rope_theta: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _empty_fwd(q)
+    p = _Params(
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, pos_hw, rope_theta
+    )
+    _LAUNCH_FWD[impl](q, k, v, p, out, lse)
+    return out, lse
+
+
+@_varlen_attention_fwd_op.register_fake
+def _(q, k, v, *params_and_impl):
+    return _empty_fwd(q)
+
+
+@torch.library.custom_op("seedvl::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd_op(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    pos_hw: torch.Tensor | None,
+    rope_theta: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _empty_bwd(q, k, v)
+    p = _Params(
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, pos_hw, rope_theta
+    )
+    _LAUNCH_BWD[impl](dout, dlse, q, k, v, out, lse, p, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_varlen_attention_bwd_op.register_fake
+def _(dout, dlse, q, k, v, *saved_and_params):
+    return _empty_bwd(q, k, v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, pos_hw)
+    ctx.args = (max_q, max_k, causal, scale)
+    ctx.theta, ctx.impl = theta, impl
+
+
+def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
+    # Autograd materialises a zero dlse when lse is unused; other callers (ring attention) may pass None.
+    q, k, v, out, lse, cu_q, cu_k, pos_hw = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd_op(
+        _last_dim_contiguous(dout),
+        None if dlse is None else _last_dim_contiguous(dlse),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        *ctx.args,
+        pos_hw,
+        ctx.theta,
+        ctx.impl,
+    )
+    return dq, dk, dv, *([None] * 9)
+
+
+_varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _host_number(name: str, value: object) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a host float, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.ndim(name, t, 3, "(T, Hq, D)" if name == "q" else "(Tk, Hkv, D)")
+    _validate.dtype("q", q, REF_DTYPES)
+    _validate.same_dtype("k", k, "q", q)
+    _validate.same_dtype("v", v, "q", q)
+    Hq, D = q.shape[1:]
+    if D == 0 or Hq == 0:
+        raise ValueError(f"q: expected at least one head and a positive head dim, got shape {tuple(q.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(
+            f"k: expected a number of heads Hkv dividing Hq={Hq} of q (GQA), got shape {tuple(k.shape)}"
+        )
+    _validate.dim_size("k", k, 2, D, "D, the head dim of q")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.last_dim_contiguous(name, t)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    pos_hw: torch.Tensor | None = None,
+    rope_theta: float = 10000.0,
+    return_lse: bool = False,
+    impl: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention within each packed sequence (no attention across sequence boundaries).
+
+    Args:
+        q: (T, Hq, D) float32/float16/bfloat16 (float64: reference only), last dim contiguous
+            (a strided view such as q of a fused qkv is fine).
+        k: (Tk, Hkv, D) in q's dtype, Hq a multiple of Hkv (query head h reads KV head
+            h // (Hq / Hkv)), last dim contiguous.
+        v: (Tk, Hkv, D), like k.
+        cu_seqlens: (B+1,) int32 on q's device, query offsets: starts at 0, non-decreasing,
+            cu_seqlens[-1] <= T; rows past it are padding and come back as zeros (lse -inf).
+            Zero-length sequences are legal. Also the key offsets unless cu_seqlens_k is given.
+        max_seqlen: host int >= the longest query sequence (computed once per batch by the
+            packer; the op never reads it back from the device). Also for keys unless
+            cu_seqlens_k is given.
+        cu_seqlens_k: (B+1,) int32 key offsets (cu_seqlens_k[-1] <= Tk), when keys are packed
+            differently from queries; needs max_seqlen_k.
+        max_seqlen_k: host int >= the longest key sequence; only with cu_seqlens_k.
+        causal: mask aligned bottom-right: query i of a sequence with Lq queries and Lk keys sees
+            key j iff j <= i + Lk - Lq. Queries that see no key give out 0 and lse -inf.
+        softmax_scale: host float multiplying q.k; default 1/sqrt(D).
+        pos_hw: (T, 2) int32 (row, col) of each token: applies rope_2d to q and k inside the op.
+            Needs keys packed like queries (no cu_seqlens_k, Tk == T) and D a multiple of 4.
+        rope_theta: RoPE base for pos_hw.
+        return_lse: also return the log-sum-exp of the scaled scores.
+        impl: "ref" (the only implementation so far) or "auto" (see seedvl_kernels._dispatch).
+
+    Returns:
+        out (T, Hq, D) in q's dtype and, with return_lse, lse (Hq, T) float32 (float64 for
+        float64 inputs). Differentiable in q, k, v, through out and lse.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        _validate.tensor(name, t)
+    if cu_seqlens_k is not None:
+        _validate.tensor("cu_seqlens_k", cu_seqlens_k)
+    if pos_hw is not None:
+        _validate.tensor("pos_hw", pos_hw)
+    device = _validate.same_device(
+        {"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens, "cu_seqlens_k": cu_seqlens_k, "pos_hw": pos_hw}
+    )
+    _check_qkv(q, k, v)
+    T, Tk, D = q.shape[0], k.shape[0], q.shape[2]
+    _validate.cu_seqlens("cu_seqlens", cu_seqlens, T)
+    max_seqlen = _validate.max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
+    if cu_seqlens_k is None:
+        if max_seqlen_k is not None:
+            raise ValueError(
+                "max_seqlen_k: given without cu_seqlens_k (keys then share cu_seqlens and max_seqlen)"
+            )
+        cu_k, max_k = cu_seqlens, max_seqlen
+        _validate.cu_seqlens("cu_seqlens (shared by k)", cu_k, Tk)
+    else:
+        _validate.cu_seqlens("cu_seqlens_k", cu_seqlens_k, Tk)
+        if cu_seqlens_k.shape != cu_seqlens.shape:
+            raise ValueError(
+                f"cu_seqlens_k: expected the shape of cu_seqlens {tuple(cu_seqlens.shape)} (one entry per "
+                f"sequence), got {tuple(cu_seqlens_k.shape)}"
+            )
+        if max_seqlen_k is None:
+            raise ValueError(
+                "max_seqlen_k: required with cu_seqlens_k (a host int >= the longest key sequence)"
+            )
+        cu_k, max_k = cu_seqlens_k, _validate.max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    if pos_hw is not None:
+        _validate.ndim("pos_hw", pos_hw, 2, "(T, 2)")
+        _validate.dtype("pos_hw", pos_hw, (torch.int32,))
+        _validate.dim_size("pos_hw", pos_hw, 0, T, "T, the tokens of q")
+        _validate.dim_size("pos_hw", pos_hw, 1, 2, "(row, col)")
+        if cu_k is not cu_seqlens or Tk != T:
+            raise ValueError(
+                "pos_hw: fused rope needs k packed like q (pass no cu_seqlens_k, and k with the T rows "
+                f"of q); got cu_seqlens_k={'given' if cu_k is not cu_seqlens else 'None'}, Tk={Tk}, T={T}"
+            )
+        if D % 4 != 0:
+            raise ValueError(f"pos_hw: rope_2d needs the head dim D to be a multiple of 4, got {D}")
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else _host_number("softmax_scale", softmax_scale)
+    chosen = _dispatch.resolve(OP, impl, device, q.dtype)
+    out, lse = _varlen_attention_fwd_op(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_k,
+        max_seqlen,
+        max_k,
+        bool(causal),
+        scale,
+        pos_hw,
+        _host_number("rope_theta", rope_theta),
+        chosen,
+    )
+    return (out, lse) if return_lse else out
