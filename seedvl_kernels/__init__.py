@@ -10,6 +10,7 @@ from ._dispatch import ImplUnavailableError, implementations, ops, resolve, use_
 from .grouped_gemm import grouped_gemm
 from .moe_ffn import moe_ffn
 from .moe_permute import moe_permute, moe_unpermute
+from .pool_adapter import pool_adapter
 from .rope_2d import rope_2d
 from .route import RouteOutput, route, update_router_bias
 from .varlen_attention import varlen_attention
@@ -25,6 +26,7 @@ __all__ = [
     "moe_permute",
     "moe_unpermute",
     "ops",
+    "pool_adapter",
     "resolve",
     "rope_2d",
     "route",

@@ -1,0 +1,273 @@
+"""The vision-to-language adapter: 2x2 average pooling, then a two-layer GELU MLP.
+
+Math. x (T, C) holds ViT tokens in 2x2-window order (rows 4n..4n+3 are one window), N = T/4:
+
+    p = mean4(x)             p_n = (x_4n + x_4n+1 + x_4n+2 + x_4n+3) / 4        (N, C)
+    h = p @ w1 + b1          pre-activation                                    (N, F)
+    a = GELU(h)              exact erf form: h * Phi(h), Phi(h) = (1 + erf(h / sqrt 2)) / 2
+    y = a @ w2 + b2                                                            (N, C_out)
+
+Seed1.5-VL §2 says "2x2 average pooling ... a two-layer MLP" and names neither the activation nor
+the hidden width; exact GELU is the LLaVA/Qwen2-VL adapter's and the ViT's own activation.
+
+Layout. w1 is (C, F) and w2 is (F, C_out), "in x out", so the math reads x @ w. An ``nn.Linear``
+stores (out, in): pass ``linear.weight.t()`` (a column-major view, accepted without a copy). Every
+weight must be row- or column-major (one unit stride); x must have a contiguous last dim.
+
+Backward, with dy (N, C_out) and GELU'(h) = Phi(h) + h * phi(h), phi the normal density:
+
+    dw2 = a^T dy    db2 = sum_n dy    da = dy w2^T    dh = da * GELU'(h)
+    dw1 = p^T dh    db1 = sum_n dh    dp = dh w1^T    dx_4n+k = dp_n / 4   (k = 0..3)
+
+Saved for backward: x, w1, w2 and h (in x's dtype); a = GELU(h) and p = mean4(x) are recomputed
+(elementwise, and a pooling the fused kernels do while loading the GEMM operand). h is saved, not
+recomputed: recomputing it is a whole N x C x F GEMM (8% of forward + backward FLOPs at
+C_out = F = 4096, 13% at 2048), while keeping it costs N * F elements -- the same tensor the unfused
+peer's GELU keeps. x is saved, not p: saving an input allocates nothing and p never has to be
+written to memory; the price is that x (T * C elements) stays alive where p would be T * C / 4,
+worth revisiting if the adapter's activation memory ever matters.
+
+Precision: fp32 accumulation and fp32 elementwise math; y, h and the gradients are rounded to the
+inputs' dtype once. The reference computes everything in fp32 (fp64 for fp64 input).
+
+Cost (N = T/4): forward 2 * N * F * (C + C_out) FLOPs, backward twice that; the pooling and GELU
+are O(T * C + N * F). Minimum forward traffic: read x and the weights, write y and h:
+(T * C + C * F + F * C_out + F + C_out + N * C_out + N * F) * itemsize bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backends, _dispatch, _validate
+
+OP = "pool_adapter"
+DTYPES = _backends.FLOAT_DTYPES  # kernels (a later issue)
+REF_DTYPES = (*DTYPES, torch.float64)
+WINDOW = 4  # tokens of one 2x2 window
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mean4(x: torch.Tensor) -> torch.Tensor:
+    """(T, C) -> (T/4, C): the mean of every 4 consecutive rows (one 2x2 window)."""
+    return x.unflatten(0, (-1, WINDOW)).mean(dim=1)
+
+
+def gelu_erf(h: torch.Tensor) -> torch.Tensor:
+    """Exact GELU, h * Phi(h)."""
+    return 0.5 * h * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_erf_grad(h: torch.Tensor) -> torch.Tensor:
+    """d GELU / dh = Phi(h) + h * phi(h)."""
+    cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + h * pdf
+
+
+def pool_adapter_fwd_ref(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) in fp32 (fp64 for fp64 input), not yet rounded to x's dtype."""
+    c = _compute_dtype(x.dtype)
+    h = mean4(x.to(c)) @ w1.to(c) + b1.to(c)
+    y = gelu_erf(h) @ w2.to(c) + b2.to(c)
+    return y, h
+
+
+def pool_adapter_bwd_ref(
+    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, h: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(dx, dw1, db1, dw2, db2) in fp32 (fp64 for fp64 input), from the saved x, w1, w2 and h."""
+    c = _compute_dtype(x.dtype)
+    dy, h = dy.to(c), h.to(c)
+    dw2 = gelu_erf(h).t() @ dy
+    db2 = dy.sum(dim=0)
+    dh = (dy @ w2.to(c).t()) * gelu_erf_grad(h)
+    dw1 = mean4(x.to(c)).t() @ dh
+    db1 = dh.sum(dim=0)
+    dp = dh @ w1.to(c).t()
+    dx = (dp * (1.0 / WINDOW)).repeat_interleave(WINDOW, dim=0)
+    return dx, dw1, db1, dw2, db2
+
+
+def pool_adapter_ref(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """Pure-PyTorch pool_adapter (the spec): fp32 math, result in x's dtype."""
+    return pool_adapter_fwd_ref(x, w1, b1, w2, b2)[0].to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _launch_fwd_ref(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor,
+) -> None:
+    y_c, h_c = pool_adapter_fwd_ref(x, w1, b1, w2, b2)
+    y.copy_(y_c)
+    h.copy_(h_c)
+
+
+def _launch_bwd_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    h: torch.Tensor,
+    grads: tuple[torch.Tensor, ...],
+) -> None:
+    for out, value in zip(grads, pool_adapter_bwd_ref(dy, x, w1, w2, h), strict=True):
+        out.copy_(value)
+
+
+_LAUNCH_FWD = {"ref": _launch_fwd_ref}
+_LAUNCH_BWD = {"ref": _launch_bwd_ref}
+_dispatch.register(OP, "ref", _backends.ref_support)
+
+
+# ----------------------------------------------------------------------------- custom ops + autograd
+
+
+def _fwd_outputs(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0] // WINDOW
+    y = torch.empty((n, w2.shape[1]), dtype=x.dtype, device=x.device)
+    h = torch.empty((n, w1.shape[1]), dtype=x.dtype, device=x.device)
+    return y, h
+
+
+@torch.library.custom_op("seedvl::pool_adapter_fwd", mutates_args=())
+def _pool_adapter_fwd_op(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _fwd_outputs(x, w1, w2)
+    _LAUNCH_FWD[impl](x, w1, b1, w2, b2, y, h)
+    return y, h
+
+
+@_pool_adapter_fwd_op.register_fake
+def _(x, w1, b1, w2, b2, impl):
+    return _fwd_outputs(x, w1, w2)
+
+
+def _bwd_outputs(x, w1, b1_shape, w2, b2_shape) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(w1.shape, dtype=w1.dtype, device=w1.device),
+        torch.empty(b1_shape, dtype=w1.dtype, device=w1.device),
+        torch.empty(w2.shape, dtype=w2.dtype, device=w2.device),
+        torch.empty(b2_shape, dtype=w2.dtype, device=w2.device),
+    )
+
+
+@torch.library.custom_op("seedvl::pool_adapter_bwd", mutates_args=())
+def _pool_adapter_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, h: torch.Tensor, impl: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _bwd_outputs(x, w1, (w1.shape[1],), w2, (w2.shape[1],))
+    _LAUNCH_BWD[impl](dy, x, w1, w2, h, grads)
+    return grads
+
+
+@_pool_adapter_bwd_op.register_fake
+def _(dy, x, w1, w2, h, impl):
+    return _bwd_outputs(x, w1, (w1.shape[1],), w2, (w2.shape[1],))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, _, w2, _, impl = inputs
+    _, h = output
+    ctx.mark_non_differentiable(h)  # an internal saved tensor, not part of the public result
+    ctx.set_materialize_grads(False)  # so no zero gradient is allocated for h
+    ctx.save_for_backward(x, w1, w2, h)
+    ctx.impl = impl
+
+
+def _backward(ctx, grad_y: torch.Tensor | None, grad_h: torch.Tensor | None):
+    if grad_y is None:
+        return None, None, None, None, None, None
+    x, w1, w2, h = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = _pool_adapter_bwd_op(grad_y.contiguous(), x, w1, w2, h, ctx.impl)
+    return dx, dw1, db1, dw2, db2, None
+
+
+_pool_adapter_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _check_matrix_layout(name: str, w: torch.Tensor) -> None:
+    rows, cols = w.shape
+    if rows > 1 and cols > 1 and 1 not in w.stride():
+        raise ValueError(
+            f"{name}: expected a row-major or column-major matrix (one unit stride), got strides {w.stride()}"
+        )
+
+
+def pool_adapter(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """2x2 average pool, then Linear -> GELU (erf) -> Linear: GELU(mean4(x) @ w1 + b1) @ w2 + b2.
+
+    Args:
+        x: (T, C) float32/float16/bfloat16 (float64: reference only), T a multiple of 4 (T = 0 is
+            legal), rows in 2x2-window order (every 4 consecutive rows are one window), last dim
+            contiguous.
+        w1: (C, F) first layer, "in x out" (``nn.Linear(C, F).weight.t()``), row- or column-major.
+        b1: (F,) first bias.
+        w2: (F, C_out) second layer, "in x out", row- or column-major.
+        b2: (C_out,) second bias.
+        impl: "ref" or "auto" (see seedvl_kernels._dispatch; Triton/CUDA kernels come later).
+        All tensors share x's dtype and device.
+
+    Returns:
+        (T/4, C_out) tensor in x's dtype. Differentiable in x, w1, b1, w2 and b2.
+    """
+    _validate.tensor("x", x)
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _validate.tensor(name, t)
+    _validate.ndim("x", x, 2, "(T, C)")
+    _validate.dtype("x", x, REF_DTYPES)
+    if x.shape[0] % WINDOW != 0:
+        raise ValueError(
+            f"x: the number of tokens T must be a multiple of {WINDOW} (every {WINDOW} consecutive rows "
+            f"are one 2x2 pooling window), got T={x.shape[0]}"
+        )
+    _validate.last_dim_contiguous("x", x)
+    _validate.ndim("w1", w1, 2, "(C, F)")
+    _validate.dim_size("w1", w1, 0, x.shape[1], "C, the channels of x")
+    _validate.ndim("b1", b1, 1, "(F,)")
+    _validate.dim_size("b1", b1, 0, w1.shape[1], "F, the columns of w1")
+    _validate.ndim("w2", w2, 2, "(F, C_out)")
+    _validate.dim_size("w2", w2, 0, w1.shape[1], "F, the columns of w1")
+    _validate.ndim("b2", b2, 1, "(C_out,)")
+    _validate.dim_size("b2", b2, 0, w2.shape[1], "C_out, the columns of w2")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        _validate.same_dtype(name, t, "x", x)
+    _check_matrix_layout("w1", w1)
+    _check_matrix_layout("w2", w2)
+    device = _validate.same_device({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    chosen = _dispatch.resolve(OP, impl, device, x.dtype)
+    y, _ = _pool_adapter_fwd_op(x, w1, b1, w2, b2, chosen)
+    return y
