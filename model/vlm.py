@@ -1,0 +1,84 @@
+"""Seed1.5-VL: SeedViT -> 2x2 pool + MLP adapter -> MoE LLM (paper §2, Figure 1).
+
+The text side carries one placeholder token (``image_token_id``) per visual token; the placeholders'
+embeddings are replaced, in order, by the adapter's outputs. Images and video frames of the whole
+packed batch go through the ViT as one packed sequence, and their visual tokens fill the
+placeholders in the same order, so the packer only has to keep both lists in the same order.
+
+Shape legend:
+    T      text-side tokens of the packed LLM batch (placeholders included); cu_seqlens (B+1,)
+    Tv     ViT patches of all images/frames (2x2-window order); vit_cu_seqlens (I+1,) for I images
+    Tv/4   visual tokens = number of placeholders in input_ids
+    P      patch length (588), D LLM hidden, V vocab
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import PoolAdapter
+from .config import VLMConfig
+from .llm import LLMOutput, MoELLM
+from .vit import SeedViT
+
+
+class SeedVLM(nn.Module):
+    def __init__(self, cfg: VLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vit = SeedViT(cfg.vit)
+        self.adapter = PoolAdapter(cfg.adapter)
+        self.llm = MoELLM(cfg.llm)
+
+    def encode_images(
+        self,
+        patches: torch.Tensor,
+        pos_hw: torch.Tensor,
+        vit_cu_seqlens: torch.Tensor,
+        vit_max_seqlen: int,
+    ) -> torch.Tensor:
+        """(Tv, P) packed patches -> (Tv/4, D) visual tokens in the LLM's embedding space."""
+        return self.adapter(self.vit(patches, pos_hw, vit_cu_seqlens, vit_max_seqlen))
+
+    def embed(self, input_ids: torch.Tensor, visual_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings (T, D) with the placeholder rows replaced by ``visual_tokens`` in order."""
+        text = self.llm.embed(input_ids)
+        if visual_tokens is None:
+            return text
+        is_image = (input_ids == self.cfg.image_token_id).unsqueeze(-1)
+        # A count mismatch would silently misplace tokens; the check runs on the device (an async
+        # assert on GPU, immediate on CPU), so it costs no host synchronisation.
+        torch._assert_async(
+            is_image.sum() == visual_tokens.shape[0],
+            "SeedVLM.embed: number of image placeholder tokens in input_ids != number of visual tokens",
+        )
+        return text.masked_scatter(is_image, visual_tokens.to(text.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        patches: torch.Tensor | None = None,
+        pos_hw: torch.Tensor | None = None,
+        vit_cu_seqlens: torch.Tensor | None = None,
+        vit_max_seqlen: int | None = None,
+    ) -> LLMOutput:
+        """Logits (T, V) of a packed multimodal batch, plus the MoE losses.
+
+        Args:
+            input_ids: (T,) int64, image placeholders at the visual tokens' positions.
+            position_ids: (T,) positions restarting at 0 in each document.
+            cu_seqlens, max_seqlen: LLM document boundaries (int32 (B+1,)) and the longest document.
+            patches, pos_hw, vit_cu_seqlens, vit_max_seqlen: the packed images (model.preprocess);
+                all None for a text-only batch.
+        """
+        vision_args = (patches, pos_hw, vit_cu_seqlens, vit_max_seqlen)
+        if any(a is None for a in vision_args) and not all(a is None for a in vision_args):
+            raise ValueError("SeedVLM: pass all of patches, pos_hw, vit_cu_seqlens, vit_max_seqlen or none")
+        visual = None if patches is None else self.encode_images(*vision_args)
+        embeds = self.embed(input_ids, visual)
+        return self.llm(None, position_ids, cu_seqlens, max_seqlen, inputs_embeds=embeds)
