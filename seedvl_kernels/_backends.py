@@ -73,6 +73,9 @@ def cuda_support_for(op: str, dtypes: tuple[torch.dtype, ...]):
             return f"the CUDA kernel needs CUDA tensors, not {device.type}"
         if dtype not in dtypes:
             return f"the CUDA kernel handles {[str(d) for d in dtypes]}, not {dtype}"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"seedvl_kernels._C targets sm_80 and newer, this GPU is sm_{major}{minor}"
         return None
 
     return support

@@ -40,7 +40,10 @@ def _driver_version() -> str | None:
         return None
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -115,28 +118,41 @@ def _print(info: dict[str, Any]) -> None:
     gpu = info["gpu"]
     print(f"seedvl_kernels {info['seedvl_kernels']} (python {info['python']})")
     print(f"  torch   {info['torch']} (CUDA {info['torch_cuda'] or 'none'})")
-    print(f"  triton  {info['triton'] or 'not installed'}" + (" [interpreter]" if info["triton_interpret"] else ""))
+    print(
+        f"  triton  {info['triton'] or 'not installed'}"
+        + (" [interpreter]" if info["triton_interpret"] else "")
+    )
     print(f"  nvcc    {info['nvcc'] or 'not found'}")
     if ext["built"]:
-        print(f"  _C      built for {', '.join(ext['archs'])} (CUDA runtime {ext['cuda_runtime']}), ops: "
-              f"{', '.join(ext['ops'])}")
+        print(
+            f"  _C      built for {', '.join(ext['archs'])} (CUDA runtime {ext['cuda_runtime']}), ops: "
+            f"{', '.join(ext['ops'])}"
+        )
     else:
         print(f"  _C      not built ({ext['reason']})")
     if gpu:
-        print(f"  GPU     {gpu['name']} ({gpu['capability']}, {gpu['memory_gib']} GiB, {gpu['count']} device(s), "
-              f"driver {gpu['driver']})")
+        print(
+            f"  GPU     {gpu['name']} ({gpu['capability']}, {gpu['memory_gib']} GiB, "
+            f"{gpu['count']} device(s), driver {gpu['driver']})"
+        )
     else:
         print("  GPU     none")
     print(f"implementations for {info['ops_device']} tensors:")
     width = max((len(op) for op in info["ops"]), default=0)
     for op, row in info["ops"].items():
-        cells = "  ".join(f"{impl}:{'yes' if row[impl] == 'available' else 'no '}" for impl in _dispatch.IMPLS)
+        cells = "  ".join(
+            f"{impl}:{'yes' if row[impl] == 'available' else 'no '}" for impl in _dispatch.IMPLS
+        )
         print(f"  {op:<{width}}  {cells}  auto -> {row['auto']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seedvl_kernels.info", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="emit JSON (with the reason for every unavailable impl)")
+    parser = argparse.ArgumentParser(
+        prog="python -m seedvl_kernels.info", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="emit JSON (with the reason for every unavailable impl)"
+    )
     args = parser.parse_args(argv)
     info = collect()
     if args.json:

@@ -1,4 +1,4 @@
-"""rope_2d: reference against independent formulations; Triton (interpreter) and CUDA against the reference."""
+"""rope_2d: the reference against independent formulations; Triton and CUDA against the reference."""
 
 import importlib
 
@@ -17,13 +17,16 @@ def _positions(T: int, max_pos: int = 60) -> torch.Tensor:
 
 def _complex_rotation(x: torch.Tensor, pos_hw: torch.Tensor, theta: float) -> torch.Tensor:
     """Independent formulation in float64: pair (i, i + D/2) is a complex number times e^(i*angle)."""
-    T, H, D = x.shape
+    D = x.shape[-1]
     q = D // 4
     j = torch.arange(q, dtype=torch.float64)
     f = (theta ** (-j / q)).float().double()  # the spec rounds the frequencies to fp32 once
     angle = torch.cat([pos_hw[:, :1].double() * f, pos_hw[:, 1:].double() * f], dim=-1)  # (T, D/2)
     xd = x.double()
-    z = torch.complex(xd[..., : D // 2], xd[..., D // 2 :]) * torch.polar(torch.ones_like(angle), angle)[:, None]
+    z = (
+        torch.complex(xd[..., : D // 2], xd[..., D // 2 :])
+        * torch.polar(torch.ones_like(angle), angle)[:, None]
+    )
     return torch.cat([z.real, z.imag], dim=-1)
 
 
@@ -55,8 +58,13 @@ def test_ref_matches_qwen2_vl_convention():
     # Both round the frequencies to fp32 (Qwen2-VL via an fp32 pow, one ulp apart at most): the angles
     # then differ by up to max_pos * 2^-23 rad.
     bound = 200 * 2.0**-23 * 4 * float(x.abs().max())
-    assert_close(rope_mod.rope_2d_ref(x, pos, 10000.0), _qwen2_vl_rotation(x, pos, 10000.0), "vs Qwen2-VL",
-                 atol=bound, rtol=0)
+    assert_close(
+        rope_mod.rope_2d_ref(x, pos, 10000.0),
+        _qwen2_vl_rotation(x, pos, 10000.0),
+        "vs Qwen2-VL",
+        atol=bound,
+        rtol=0,
+    )
 
 
 def test_theta_changes_result():
@@ -95,8 +103,12 @@ def test_triton_matches_ref_on_strided_view_and_empty():
     pos = _positions(33)
     q = qkv[:, 0]
     assert not q.is_contiguous()
-    assert_close(sk.rope_2d(q, pos, impl="triton"), sk.rope_2d(q.contiguous(), pos, impl="ref"), "strided q",
-                 **tol(torch.float32))
+    assert_close(
+        sk.rope_2d(q, pos, impl="triton"),
+        sk.rope_2d(q.contiguous(), pos, impl="ref"),
+        "strided q",
+        **tol(torch.float32),
+    )
     empty = torch.empty(0, 4, 16)
     for impl in ("ref", "triton"):
         assert sk.rope_2d(empty, torch.empty(0, 2, dtype=torch.int32), impl=impl).shape == (0, 4, 16)
@@ -129,12 +141,20 @@ def test_torch_compile_fullgraph():
     [
         ([1.0], torch.zeros(1, 2, dtype=torch.int32), "x: expected a torch.Tensor"),
         (torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int32), r"x: expected 3 dims"),
-        (torch.randn(4, 1, 6), torch.zeros(4, 2, dtype=torch.int32), "x: head dim D must be a positive multiple of 4"),
+        (
+            torch.randn(4, 1, 6),
+            torch.zeros(4, 2, dtype=torch.int32),
+            "x: head dim D must be a positive multiple of 4",
+        ),
         (torch.randn(4, 1, 8).to(torch.int32), torch.zeros(4, 2, dtype=torch.int32), "x: expected dtype"),
         (torch.randn(4, 1, 8), torch.zeros(4, 2, dtype=torch.int64), "pos_hw: expected dtype"),
         (torch.randn(4, 1, 8), torch.zeros(5, 2, dtype=torch.int32), "pos_hw: expected size 4"),
         (torch.randn(4, 1, 8), torch.zeros(4, 3, dtype=torch.int32), "pos_hw: expected size 2"),
-        (torch.randn(4, 1, 16)[..., ::2], torch.zeros(4, 2, dtype=torch.int32), "x: last dim must be contiguous"),
+        (
+            torch.randn(4, 1, 16)[..., ::2],
+            torch.zeros(4, 2, dtype=torch.int32),
+            "x: last dim must be contiguous",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(x, pos, match):
@@ -156,12 +176,18 @@ def test_gpu_matches_reference_at_vit_sizes(impl, dtype):
     assert_close(y, expected, f"{impl} forward {dtype}", **tol(dtype, 4))
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, g)
-    assert_close(dx, rope_mod.rope_2d_ref(g.double(), pos, inverse=True), f"{impl} backward {dtype}", **tol(dtype, 4))
+    assert_close(
+        dx, rope_mod.rope_2d_ref(g.double(), pos, inverse=True), f"{impl} backward {dtype}", **tol(dtype, 4)
+    )
     # A strided q of a fused qkv, and D = 128.
     qkv = torch.randn(4099, 3, 8, 128, device="cuda", dtype=dtype)
     pos = torch.randint(0, 450, (4099, 2), device="cuda", dtype=torch.int32)
-    assert_close(sk.rope_2d(qkv[:, 1], pos, impl=impl), rope_mod.rope_2d_ref(qkv[:, 1].double(), pos),
-                 f"{impl} strided {dtype}", **tol(dtype, 4))
+    assert_close(
+        sk.rope_2d(qkv[:, 1], pos, impl=impl),
+        rope_mod.rope_2d_ref(qkv[:, 1].double(), pos),
+        f"{impl} strided {dtype}",
+        **tol(dtype, 4),
+    )
 
 
 @pytest.mark.gpu

@@ -14,7 +14,9 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     return {"atol": eps, "rtol": eps}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, *, atol: float, rtol: float) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, name: str, *, atol: float, rtol: float
+) -> None:
     """torch.testing.assert_close, comparing in float64 and printing max and mean error on failure."""
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
