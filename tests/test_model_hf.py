@@ -1,11 +1,11 @@
 """Hugging Face interop: Qwen3-MoE <-> MoELLM and Qwen2-VL vision tower <-> SeedViT.
 
 The parity tests build tiny random transformers models in fp32 (no downloads), save them with
-``save_pretrained``, load them with model.hf and compare hidden states and logits; and the other
-way, save ours and load it with ``from_pretrained``. Weights are re-drawn larger than HF's 0.02
-init (norm gains too), so that attention is peaked and routing spread: a wrong RoPE, mask, head
-split or q/k-norm would show. Tolerances: fp32 rounding of values of the size compared
-(``_close``); the measured errors are about 1e-6 of the largest value.
+``save_pretrained``, load them with model.hf / model.hf_vision and compare hidden states and
+logits; and the other way, save ours and load it with ``from_pretrained``. Weights are re-drawn
+larger than HF's 0.02 init (norm gains too), so that attention is peaked and routing spread: a
+wrong RoPE, mask, head split or q/k-norm would show. Tolerances: fp32 rounding of values of the
+size compared (``_close``); the measured errors are about 1e-6 of the largest value.
 """
 
 from __future__ import annotations
@@ -20,17 +20,19 @@ import torch.nn.functional as F
 import seedvl_kernels
 from model.config import QWEN3_30B_A3B, SEEDVIT_532M, get_preset
 from model.hf import (
-    check_vit_config,
     from_hf_state_dict,
-    from_qwen2_vl_vision_state_dict,
     llm_config_from_qwen3_moe,
-    load_qwen2_vl_vision,
     load_qwen3_moe,
     load_safetensors,
-    save_qwen2_vl_vision,
     save_qwen3_moe,
     save_safetensors,
     to_hf_state_dict,
+)
+from model.hf_vision import (
+    check_vit_config,
+    from_qwen2_vl_vision_state_dict,
+    load_qwen2_vl_vision,
+    save_qwen2_vl_vision,
     vit_config_from_qwen2_vl,
 )
 from model.llm import MoELLM
