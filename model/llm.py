@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -80,7 +81,13 @@ class Attention(nn.Module):
     With a KV cache (generation), the new keys/values are appended to the cache and the new queries
     attend to each sequence's whole cache; the causal mask aligns bottom-right, so prefill and
     one-token decode steps are the same call.
+
+    Context parallel: when the trainer sets ``cp_group``, the inputs are this rank's zigzag shard
+    (``seedvl_kernels.zigzag_shard``: local cu_seqlens and max_seqlen, global position
+    ids) and attention runs as ``ring_attention`` over the group. Nothing else in the model changes.
     """
+
+    cp_group: dist.ProcessGroup | None = None
 
     def __init__(self, cfg: LLMConfig, index: int = 0) -> None:
         super().__init__()
@@ -112,7 +119,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is None:
+        if kv_cache is None and self.cp_group is not None:
+            out = seedvl_kernels.ring_attention(q, k, v, cu_seqlens, max_seqlen, group=self.cp_group)
+        elif kv_cache is None:
             out = seedvl_kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
         else:
             k, v, cu_k, max_k = kv_cache.update(self.index, k, v)

@@ -11,6 +11,7 @@ from .grouped_gemm import grouped_gemm
 from .moe_ffn import moe_ffn
 from .moe_permute import moe_permute, moe_unpermute
 from .pool_adapter import pool_adapter
+from .ring_attention import ZigzagShard, ring_attention, zigzag_shard, zigzag_unshard
 from .rope_2d import rope_2d
 from .route import RouteOutput, route, update_router_bias
 from .varlen_attention import varlen_attention
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ImplUnavailableError",
     "RouteOutput",
+    "ZigzagShard",
     "grouped_gemm",
     "implementations",
     "moe_ffn",
@@ -28,9 +30,12 @@ __all__ = [
     "ops",
     "pool_adapter",
     "resolve",
+    "ring_attention",
     "rope_2d",
     "route",
     "update_router_bias",
     "use_impl",
     "varlen_attention",
+    "zigzag_shard",
+    "zigzag_unshard",
 ]
