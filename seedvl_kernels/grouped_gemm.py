@@ -29,15 +29,15 @@ are routed, the activations when many are.
 
 Host synchronisation: the reference loops over groups in Python, so it reads the group bounds with
 ``offsets.tolist()`` inside the custom op (the only sync on the MoE path, and invisible to
-torch.compile, which sees an opaque op). The Triton/CUTLASS kernels will read offsets on the
-device and never sync.
+torch.compile, which sees an opaque op). The Triton kernels (seedvl_kernels.grouped_gemm_triton,
+impl "triton") read offsets on the device and never sync.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backends, _dispatch, _validate
+from . import _backends, _dispatch, _validate, grouped_gemm_triton
 
 OP = "grouped_gemm"
 DTYPES = (*_backends.FLOAT_DTYPES, torch.float64)
@@ -103,9 +103,10 @@ def _launch_ref_dw(
 
 
 # Every launcher writes all of ``out``: zeros for padding rows and for empty groups' dB slices.
-_LAUNCH = {"ref": _launch_ref}
-_LAUNCH_DW = {"ref": _launch_ref_dw}
+_LAUNCH = {"ref": _launch_ref, "triton": grouped_gemm_triton.launch_grouped_gemm}
+_LAUNCH_DW = {"ref": _launch_ref_dw, "triton": grouped_gemm_triton.launch_grouped_gemm_dw}
 _dispatch.register(OP, "ref", _backends.ref_support)
+_dispatch.register(OP, "triton", _backends.triton_support_for(_backends.FLOAT_DTYPES))
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -221,7 +222,7 @@ def grouped_gemm(
         offsets: (E+1,) int32 on a's device, offsets[0] = 0, non-decreasing, offsets[-1] <= M
             (values checked for CPU tensors only; a GPU check would sync). Empty groups are legal.
         trans_b: multiply by b[e]^T (b stored (E, N, K), as in nn.Linear weights).
-        impl: "ref" or "auto" (see seedvl_kernels._dispatch).
+        impl: "ref", "triton" (float32/float16/bfloat16) or "auto" (see seedvl_kernels._dispatch).
 
     Returns:
         (M, N) in a's dtype, zero in padding rows; fp32 accumulation. Differentiable in a and b

@@ -28,6 +28,10 @@ written once each, times itemsize.
 
 Host synchronisation: none of its own; the reference grouped GEMM reads offsets on the host (see
 seedvl_kernels.grouped_gemm).
+
+The ``triton`` implementation (seedvl_kernels.moe_ffn_triton) fuses the permute into GEMM-1's
+operand loads, SwiGLU into its epilogue and the gate weight into GEMM-2's epilogue, combines in
+fixed slot order, and never syncs with the host; it matches this reference.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backends, _dispatch, _validate
+from . import _backends, _dispatch, _validate, moe_ffn_triton
 from .grouped_gemm import grouped_gemm
 from .moe_permute import _check_expert_ids, moe_permute, moe_unpermute
 
@@ -70,6 +74,7 @@ def moe_ffn_ref(
 
 
 _dispatch.register(OP, "ref", _backends.ref_support)
+_dispatch.register(OP, "triton", _backends.triton_support_for(_backends.FLOAT_DTYPES))
 
 
 # ----------------------------------------------------------------------------- public function
@@ -93,8 +98,10 @@ def moe_ffn(
             tensors only).
         w_gate_up: (E, D, 2F) in x's dtype, gate half ``[..., :F]`` first, last dim contiguous.
         w_down: (E, F, D) in x's dtype, last dim contiguous.
-        impl: "ref" or "auto"; the chosen implementation also runs the permute, grouped GEMMs and
-            unpermute inside the block (see seedvl_kernels._dispatch).
+        impl: "ref", "triton" (float32/float16/bfloat16: fused kernels, see
+            seedvl_kernels.moe_ffn_triton) or "auto"; the reference also runs the permute, grouped
+            GEMMs and unpermute inside the block with the chosen implementation (see
+            seedvl_kernels._dispatch).
 
     Returns:
         (T, D) in x's dtype. Differentiable in x, gate_weights, w_gate_up and w_down.
@@ -142,4 +149,6 @@ def moe_ffn(
         }
     )
     chosen = _dispatch.resolve(OP, impl, device, x.dtype)
+    if chosen == "triton":
+        return moe_ffn_triton.moe_ffn_triton(x, gate_weights, expert_ids, w_gate_up, w_down)
     return moe_ffn_ref(x, gate_weights, expert_ids, w_gate_up, w_down, chosen)

@@ -165,11 +165,12 @@ def test_no_host_sync_outside_the_grouped_gemm_op():
     assert all(p.grad.shape == p.shape for p in params)
 
 
-def test_only_reference_is_registered():
-    assert sk.implementations("moe_ffn") == ["ref"]
+def test_registered_implementations():
+    """The Triton path is tested in test_moe_ffn_triton.py; there is no CUDA one yet."""
+    assert sk.implementations("moe_ffn") == ["ref", "triton"]
     gate, ids, E = _routing("balanced")
-    with pytest.raises(sk.ImplUnavailableError, match="moe_ffn: impl='triton'"):
-        moe_ffn(torch.randn(T, D), gate, ids, *_weights(E), impl="triton")
+    with pytest.raises(sk.ImplUnavailableError, match="moe_ffn: impl='cuda'"):
+        moe_ffn(torch.randn(T, D), gate, ids, *_weights(E), impl="cuda")
 
 
 X = torch.randn(4, D)

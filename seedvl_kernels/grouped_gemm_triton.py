@@ -1,0 +1,439 @@
+"""Triton grouped GEMM: the ``triton`` implementation of seedvl::grouped_gemm and grouped_gemm_dw.
+
+Math: see seedvl_kernels.grouped_gemm. Two kernels, both with fp32 accumulators (fp32 inputs use
+IEEE fp32 dots, never TF32) rounded once to the output dtype:
+
+* ``_grouped_gemm_fwd_kernel``, grouped over M (the forward and dgrad): out rows of group e =
+  a rows of group e @ b[e] (or b[e]^T; trans_b is only a stride swap). Rows past offsets[-1] are a
+  padding "group" E whose tiles skip the K loop and store zeros.
+* ``_grouped_gemm_dw_kernel``, grouped over K (wgrad): dB[e] = a_e^T @ dC_e, a fixed-order loop
+  over the rows of group e. An empty group runs the loop zero times and stores exact zeros; no
+  split-K, no atomics, so every output element has one writer and the result is bitwise
+  reproducible.
+
+Tile schedule (no host synchronisation). The host knows neither the group sizes nor the number of
+M-tiles, only a bound: sum_e cdiv(size_e, BLOCK_M) over the E groups plus the padding group is at
+most cdiv(M, BLOCK_M) + E. The grid is that bound times the N-tiles; each program reads offsets
+(E+1 int32) on the device, computes the per-group tile counts and their inclusive prefix sum in
+registers (one vector of next_pow2(E+1) lanes) and finds its group as the number of groups whose
+prefix sum is <= its M-tile index. Programs past the real tile count get an empty row range and
+run no K iterations (a masked store of nothing). M-tiles are swizzled in bands of GROUP_M so that
+the few M-tiles of one expert run next to each other and share the expert's B tiles in L2.
+
+The dW kernel's grid is (K-tiles x N-tiles, E); its axis 1 walks the groups in decreasing size
+(a device-side argsort of the group sizes), so under skewed routing the longest programs start
+first and the short ones fill in behind them.
+
+Row indirection (used by seedvl_kernels.moe_ffn_triton; all optional, one constexpr each):
+``a_rows`` gathers the A operand's rows (a row of permuted row r is a_rows[r], so no permuted copy
+of the tokens is materialised), ``out_rows`` scatters output rows (each written exactly once: it is
+a permutation), ``row_scale`` multiplies output row r by an fp32 factor in the epilogue, and in the
+dW kernel ``c_rows`` / ``c_scale`` do the same for the dC operand on load.
+
+No alignment requirements: loads are masked pointer loads with arbitrary strides (any K, N, row
+stride and storage offset); Triton specialises on 16-byte divisibility and merely vectorises less
+when it is absent.
+
+Cost: the M-grouped kernel reads each A tile once per N-tile and each B tile once per M-tile of its
+group (L2 absorbs most of it with the swizzle); padding inside tiles costs sum_e (cdiv(size_e,
+BLOCK_M) * BLOCK_M - size_e) wasted rows (bench/bench_moe.py reports the fraction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- tunables
+
+
+@dataclass(frozen=True)
+class MGroupedConfig:
+    """Tiles of the M-grouped kernel (forward, dgrad, and the MoE GEMMs)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int  # M-tiles per swizzle band
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class KGroupedConfig:
+    """Tiles of the K-grouped (wgrad) kernel: a BLOCK_K x BLOCK_N tile of dB, BLOCK_R rows a step."""
+
+    block_k: int
+    block_n: int
+    block_r: int
+    group_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The interpreter runs each program in numpy: few, mid-sized tiles are fastest there, and 32 keeps
+# odd test sizes (16..48) exercising partial tiles and multi-step K loops.
+_INTERPRET_M = MGroupedConfig(32, 32, 32, 4, 4, 1)
+_INTERPRET_K = KGroupedConfig(32, 32, 32, 4, 4, 1)
+
+
+def m_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> MGroupedConfig:
+    """Tiles for the M-grouped kernel. GPU values are starting points for tuning (profiles/moe.md)."""
+    if device.type != "cuda":
+        return _INTERPRET_M
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles
+        return MGroupedConfig(64, 64, 32, 8, 4, 3)
+    block_n = 256 if n >= 2048 else 128
+    return MGroupedConfig(128, block_n, 64, 8, 8, 3)
+
+
+def k_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> KGroupedConfig:
+    """Tiles for the K-grouped (wgrad) kernel."""
+    if device.type != "cuda":
+        return _INTERPRET_K
+    if dtype == torch.float32:  # 4 warps spill here on sm_90 (FMA dots of the transposed A tile)
+        return KGroupedConfig(64, 64, 32, 8, 8, 3)
+    return KGroupedConfig(128, 128, 64, 8, 8, 3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use IEEE dots (the reference's accuracy); fp16/bf16 ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def groups_pow2(num_groups: int) -> int:
+    """Lanes of the schedule vector: the E groups plus the padding group, a power of two >= 2."""
+    return max(2, triton.next_power_of_2(num_groups + 1))
+
+
+def num_m_tiles_bound(m: int, num_groups: int, block_m: int) -> int:
+    """Upper bound of sum_e cdiv(size_e, BLOCK_M) over the groups and the padding group."""
+    return triton.cdiv(m, block_m) + num_groups
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Linear program id -> (pid_m, pid_n), M-tiles in bands of GROUP_M (N fastest across a band)."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _m_tile(
+    offsets_ptr, pid_m, M, NUM_GROUPS: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """M-tile index -> (group, row_start, row_end), read from the device-side offsets.
+
+    Group NUM_GROUPS is the padding rows [offsets[E], M); a tile index past the real count gets a
+    group > NUM_GROUPS and an empty row range.
+    """
+    g = tl.arange(0, GROUPS_POW2)
+    start = tl.load(offsets_ptr + g, mask=g <= NUM_GROUPS, other=0)
+    end = tl.load(offsets_ptr + g + 1, mask=g < NUM_GROUPS, other=0)
+    end = tl.where(g == NUM_GROUPS, M, end)
+    tiles = tl.where(g <= NUM_GROUPS, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
+    last = tl.cumsum(tiles, 0)  # inclusive prefix sum of the tile counts
+    group = tl.sum((last <= pid_m).to(tl.int32), 0)
+    sel = g == group
+    first = tl.sum(tl.where(sel, last - tiles, 0), 0)
+    row_start = tl.sum(tl.where(sel, start, 0), 0) + (pid_m - first) * BLOCK_M
+    row_end = tl.sum(tl.where(sel, end, 0), 0)
+    return group, row_start, row_end
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _grouped_gemm_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    out_rows_ptr,
+    row_scale_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_POW2: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr,
+    SCALE_OUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M) + NUM_GROUPS
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    group, row_start, row_end = _m_tile(offsets_ptr, pid_m, M, NUM_GROUPS, GROUPS_POW2, BLOCK_M)
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_end
+    mask_n = offs_n < N
+    if GATHER_A:
+        a_rows = tl.load(a_rows_ptr + offs_m, mask=mask_m, other=0)
+    else:
+        a_rows = offs_m
+    a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = (
+        b_ptr + group.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    )
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = tl.where(group < NUM_GROUPS, tl.cdiv(K, BLOCK_K), 0)  # padding / surplus tiles: none
+    for ki in range(0, num_k):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K - ki * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if SCALE_OUT:
+        scale = tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = acc * tl.where(group < NUM_GROUPS, scale, 0.0)[:, None]  # padding rows stay exactly 0
+    if SCATTER_OUT:
+        out_rows = tl.load(out_rows_ptr + offs_m, mask=mask_m, other=0)
+    else:
+        out_rows = offs_m
+    out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _grouped_gemm_dw_kernel(
+    a_ptr,
+    c_ptr,
+    out_ptr,
+    offsets_ptr,
+    order_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    c_scale_ptr,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_cm,
+    stride_cn,
+    stride_oe,
+    stride_ok,
+    stride_on,
+    GATHER_A: tl.constexpr,
+    GATHER_C: tl.constexpr,
+    SCALE_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_K: tl.constexpr,
+):
+    pid_k, pid_n = _swizzle(tl.program_id(0), tl.cdiv(K, BLOCK_K), tl.cdiv(N, BLOCK_N), GROUP_K)
+    group = tl.load(order_ptr + tl.program_id(1))
+    start = tl.load(offsets_ptr + group)
+    end = tl.load(offsets_ptr + group + 1)
+
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):  # fixed order over the group's rows; empty group: no steps
+        rows = r0 + offs_r
+        mask_r = rows < end
+        if GATHER_A:
+            a_rows = tl.load(a_rows_ptr + rows, mask=mask_r, other=0)
+        else:
+            a_rows = rows
+        if GATHER_C:
+            c_rows = tl.load(c_rows_ptr + rows, mask=mask_r, other=0)
+        else:
+            c_rows = rows
+        a = tl.load(
+            a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_r[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        c = tl.load(
+            c_ptr + c_rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
+            mask=mask_r[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if SCALE_C:  # rounded to the operand dtype, as an unfused scale-then-GEMM would be
+            scale = tl.load(c_scale_ptr + rows, mask=mask_r, other=0.0)
+            c = (c.to(tl.float32) * scale[:, None]).to(c_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(a), c, acc, input_precision=DOT_PRECISION)
+
+    out_ptrs = (
+        out_ptr + group.to(tl.int64) * stride_oe + offs_k[:, None] * stride_ok + offs_n[None, :] * stride_on
+    )
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def launch_m_grouped(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    trans_b: bool,
+    *,
+    a_rows: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    config: MGroupedConfig | None = None,
+) -> None:
+    """out[row r] = a[row r] @ b[group of r] (b[e]^T with trans_b) for the M rows of the offsets
+    space (M = a_rows.numel() with a gather, else a.shape[0]), with the optional row indirections of
+    the module docstring; rows past offsets[-1] become zeros. Writes every row of ``out`` that the
+    M rows map to."""
+    num_groups = offsets.shape[0] - 1
+    m = a_rows.numel() if a_rows is not None else a.shape[0]
+    k = a.shape[1]
+    if trans_b:
+        n, stride_bk, stride_bn = b.shape[1], b.stride(2), b.stride(1)
+    else:
+        n, stride_bk, stride_bn = b.shape[2], b.stride(1), b.stride(2)
+    cfg = config or m_grouped_config(n, k, a.dtype, a.device)
+    grid = (num_m_tiles_bound(m, num_groups, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    if grid[0] == 0:
+        return
+    _grouped_gemm_fwd_kernel[grid](
+        a,
+        b,
+        out,
+        offsets,
+        a_rows if a_rows is not None else offsets,
+        out_rows if out_rows is not None else offsets,
+        row_scale if row_scale is not None else offsets,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        stride_bk,
+        stride_bn,
+        out.stride(0),
+        out.stride(1),
+        NUM_GROUPS=num_groups,
+        GROUPS_POW2=groups_pow2(num_groups),
+        GATHER_A=a_rows is not None,
+        SCATTER_OUT=out_rows is not None,
+        SCALE_OUT=row_scale is not None,
+        EVEN_K=k % cfg.block_k == 0,
+        DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def group_order(offsets: torch.Tensor) -> torch.Tensor:
+    """Groups by decreasing size (ties by index), int32 on the device: the dW kernel's launch order."""
+    sizes = offsets[1:] - offsets[:-1]
+    return torch.argsort(sizes, descending=True, stable=True).to(torch.int32)
+
+
+def launch_k_grouped(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    trans_b: bool,
+    *,
+    a_rows: torch.Tensor | None = None,
+    c_rows: torch.Tensor | None = None,
+    c_scale: torch.Tensor | None = None,
+    config: KGroupedConfig | None = None,
+) -> None:
+    """out[e] = a_e^T @ c_e (K, N), stored transposed (N, K) with trans_b, where rows r of group e
+    read a[a_rows[r]] and c[c_rows[r]] * c_scale[r] when given. Writes all of ``out``."""
+    num_groups = offsets.shape[0] - 1
+    k, n = a.shape[1], c.shape[1]
+    if trans_b:
+        stride_ok, stride_on = out.stride(2), out.stride(1)
+    else:
+        stride_ok, stride_on = out.stride(1), out.stride(2)
+    cfg = config or k_grouped_config(n, k, a.dtype, a.device)
+    grid = (triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n), num_groups)
+    if grid[0] * grid[1] == 0:
+        return
+    _grouped_gemm_dw_kernel[grid](
+        a,
+        c,
+        out,
+        offsets,
+        group_order(offsets),
+        a_rows if a_rows is not None else offsets,
+        c_rows if c_rows is not None else offsets,
+        c_scale if c_scale is not None else offsets,
+        k,
+        n,
+        a.stride(0),
+        a.stride(1),
+        c.stride(0),
+        c.stride(1),
+        out.stride(0),
+        stride_ok,
+        stride_on,
+        GATHER_A=a_rows is not None,
+        GATHER_C=c_rows is not None,
+        SCALE_C=c_scale is not None,
+        DOT_PRECISION=dot_precision(a.dtype),
+        BLOCK_K=cfg.block_k,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        GROUP_K=cfg.group_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def launch_grouped_gemm(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, trans_b: bool
+) -> None:
+    """The ``triton`` entry of grouped_gemm's _LAUNCH (forward and dgrad)."""
+    launch_m_grouped(a, b, offsets, out, trans_b)
+
+
+def launch_grouped_gemm_dw(
+    a: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor, trans_b: bool
+) -> None:
+    """The ``triton`` entry of grouped_gemm's _LAUNCH_DW (wgrad)."""
+    launch_k_grouped(a, grad_out, offsets, out, trans_b)

@@ -1,0 +1,250 @@
+"""grouped_gemm impl="triton": forward, dgrad and wgrad against the reference (the Triton interpreter
+on CPU: fp32/fp16 only, tiny shapes; bf16 at model shapes in the GPU tests)."""
+
+import pytest
+import torch
+
+import seedvl_kernels as sk
+from seedvl_kernels import grouped_gemm_triton as ggt
+from seedvl_kernels.grouped_gemm import grouped_gemm, grouped_gemm_dw_ref, grouped_gemm_ref
+from tests.utils import assert_close, assert_matches_ref_error, tol
+
+# Group sizes per routing pattern (E = 6 unless stated).
+PATTERNS = {
+    "balanced": [8, 8, 8, 8, 8, 8],
+    "zipf": [27, 13, 9, 7, 5, 4],  # ~ 1/rank^1.1
+    "one_hot": [0, 0, 0, 41, 0, 0],
+    "empty_experts": [3, 0, 11, 1, 0, 7, 0, 5, 2, 9],  # 3 of 10 empty
+}
+# (K, N, padding rows): K a multiple of the interpreter's BLOCK_K (32) and not; odd N.
+SHAPES = {"balanced": (32, 48, 0), "zipf": (33, 17, 3), "one_hot": (48, 40, 2), "empty_experts": (16, 24, 5)}
+
+
+def _offsets(sizes, device="cpu"):
+    return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def _operands(sizes, K, N, dtype, trans_b, pad=0, device="cpu"):
+    M = sum(sizes) + pad
+    a = torch.randn(M, K, device=device).to(dtype).requires_grad_()
+    shape = (len(sizes), N, K) if trans_b else (len(sizes), K, N)
+    b = (torch.randn(shape, device=device) / K**0.5).to(dtype).requires_grad_()
+    return a, b, _offsets(sizes, device)
+
+
+def _fp32(*ts):
+    return [t.detach().float().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_forward_dgrad_wgrad_match_reference(pattern, trans_b, dtype):
+    """The reference runs in fp32 on the same (rounded) inputs: only the final rounding differs."""
+    sizes = PATTERNS[pattern]
+    K, N, pad = SHAPES[pattern]
+    a, b, offsets = _operands(sizes, K, N, dtype, trans_b, pad)
+    out = grouped_gemm(a, b, offsets, trans_b=trans_b, impl="triton")
+    a32, b32 = _fp32(a, b)
+    ref = grouped_gemm(a32, b32, offsets, trans_b=trans_b, impl="ref")
+    assert out.dtype == dtype
+    assert_close(out, ref, f"{pattern} forward", **tol(dtype, 4))
+    g = torch.randn(out.shape).to(dtype)
+    da, db = torch.autograd.grad(out, (a, b), g)
+    da_ref, db_ref = torch.autograd.grad(ref, (a32, b32), g.float())
+    assert_close(da, da_ref, f"{pattern} dA", **tol(dtype, 4))
+    assert_close(db, db_ref, f"{pattern} dB", **tol(dtype, 4))
+    M_used = sum(sizes)
+    assert torch.equal(out[M_used:], torch.zeros_like(out[M_used:])), "padding rows of out are not zero"
+    assert torch.equal(da[M_used:], torch.zeros_like(da[M_used:])), "padding rows of dA are not zero"
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert torch.equal(db[e], torch.zeros_like(db[e])), f"dB[{e}] of an empty group is not zero"
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_small_tiles_many_m_tiles_per_group(trans_b):
+    """16-row tiles: groups span several M-tiles and swizzle bands; every output row is written
+    (the output starts as NaN) and surplus programs write nothing out of place."""
+    sizes = [37, 0, 5, 16, 0, 50]
+    K, N = 40, 36
+    a, b, offsets = _operands(sizes, K, N, torch.float32, trans_b, pad=7)
+    a, b = a.detach(), b.detach()
+    out = torch.full((a.shape[0], N), float("nan"))
+    cfg = ggt.MGroupedConfig(16, 16, 16, 3, 4, 1)
+    ggt.launch_m_grouped(a, b, offsets, out, trans_b, config=cfg)
+    assert_close(
+        out, grouped_gemm_ref(a, b, offsets, trans_b), "forward, 16x16x16 tiles", **tol(torch.float32, 4)
+    )
+    g = torch.randn(a.shape[0], N)
+    dw = torch.full(b.shape, float("nan"))
+    ggt.launch_k_grouped(a, g, offsets, dw, trans_b, config=ggt.KGroupedConfig(16, 16, 16, 2, 4, 1))
+    assert_close(
+        dw, grouped_gemm_dw_ref(a, g, offsets, trans_b), "dB, 16x16x16 tiles", **tol(torch.float32, 4)
+    )
+
+
+def test_row_gather_scatter_and_scale():
+    """The indirections moe_ffn uses: A rows gathered, output rows scattered, rows scaled."""
+    sizes = [6, 0, 9, 4]
+    M, K, N, T = sum(sizes), 24, 20, 11
+    x = torch.randn(T, K)
+    b = torch.randn(len(sizes), K, N)
+    offsets = _offsets(sizes)
+    a_rows = torch.randint(0, T, (M,), dtype=torch.int32)
+    out_rows = torch.randperm(M).to(torch.int32)
+    scale = torch.rand(M)
+    out = torch.full((M, N), float("nan"))
+    ggt.launch_m_grouped(x, b, offsets, out, False, a_rows=a_rows, out_rows=out_rows, row_scale=scale)
+    expected = torch.empty(M, N)
+    expected[out_rows.long()] = grouped_gemm_ref(x[a_rows.long()], b, offsets) * scale[:, None]
+    assert_close(out, expected, "gather/scatter/scale forward", **tol(torch.float32, 4))
+
+    c = torch.randn(T, N)
+    c_rows = torch.randint(0, T, (M,), dtype=torch.int32)
+    dw = torch.empty(len(sizes), K, N)
+    ggt.launch_k_grouped(x, c, offsets, dw, False, a_rows=a_rows, c_rows=c_rows, c_scale=scale)
+    c_perm = c[c_rows.long()] * scale[:, None]
+    expected_dw = grouped_gemm_dw_ref(x[a_rows.long()], c_perm, offsets)
+    assert_close(dw, expected_dw, "gather/scale dW", **tol(torch.float32, 4))
+    assert torch.equal(dw[1], torch.zeros(K, N))
+
+
+def test_all_groups_empty_and_no_rows():
+    a, b, offsets = _operands([0, 0, 0], 5, 4, torch.float32, False, pad=4)
+    out = grouped_gemm(a, b, offsets, impl="triton")
+    da, db = torch.autograd.grad(out, (a, b), torch.randn_like(out))
+    assert torch.equal(out, torch.zeros(4, 4)) and torch.equal(da, torch.zeros_like(a))
+    assert torch.equal(db, torch.zeros_like(b))
+    b2 = torch.randn(2, 5, 3, requires_grad=True)
+    a2 = torch.empty(0, 5, requires_grad=True)
+    empty = grouped_gemm(a2, b2, torch.zeros(3, dtype=torch.int32), impl="triton")
+    assert empty.shape == (0, 3)
+    (db2,) = torch.autograd.grad(empty, b2, torch.empty(0, 3))
+    assert torch.equal(db2, torch.zeros_like(b2))
+
+
+def test_strided_and_unaligned_inputs():
+    """No alignment requirement: a row-strided view with an odd storage offset and a strided b."""
+    sizes = [5, 0, 7]
+    base = torch.randn(sum(sizes) * 21 + 1)
+    a = base[1:].view(sum(sizes), 21)[:, :19]  # row stride 21, storage offset 1 element
+    b = torch.randn(3, 30, 19)[:, 2:27]  # (E, N=25, K=19) with a row stride of 19 and offset
+    offsets = _offsets(sizes)
+    out = grouped_gemm(a, b, offsets, trans_b=True, impl="triton")
+    assert_close(out, grouped_gemm_ref(a, b, offsets, True), "strided forward", **tol(torch.float32, 4))
+
+
+def test_double_backward_matches_reference():
+    a, b, offsets = _operands([2, 0, 3, 1], 17, 9, torch.float32, False, pad=1)
+    grads = {}
+    for impl in ("triton", "ref"):
+        out = grouped_gemm(a, b, offsets, impl=impl)
+        da, db = torch.autograd.grad(out, (a, b), torch.ones_like(out), create_graph=True)
+        grads[impl] = torch.autograd.grad((da * da).sum() + (db * db).sum(), (a, b))
+    for x, y, name in zip(grads["triton"], grads["ref"], ("a", "b"), strict=True):
+        assert_close(x, y, f"double backward d{name}", **tol(torch.float32, 10))
+
+
+def test_deterministic_bitwise():
+    sizes = PATTERNS["zipf"]
+    a, b, offsets = _operands(sizes, 33, 17, torch.float32, True, pad=2)
+    g = torch.randn(a.shape[0], 17)
+
+    def run():
+        out = grouped_gemm(a, b, offsets, trans_b=True, impl="triton")
+        return (out, *torch.autograd.grad(out, (a, b), g))
+
+    for x, y in zip(run(), run(), strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_opcheck(trans_b):
+    a, b, offsets = _operands([2, 0, 3, 1], 5, 3, torch.float32, trans_b, pad=2)
+    torch.library.opcheck(torch.ops.seedvl.grouped_gemm.default, (a, b, offsets, trans_b, "triton"))
+    g = torch.randn(a.shape[0], 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.seedvl.grouped_gemm_dw.default, (a, g, offsets, trans_b, "triton"))
+
+
+def test_torch_compile_fullgraph():
+    a, b, offsets = _operands([4, 0, 6, 3], 9, 7, torch.float32, False, pad=2)
+
+    def f(a, b, offsets):
+        return torch.relu(grouped_gemm(a, b, offsets, impl="triton")).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(a, b, offsets)
+    grads = torch.autograd.grad(loss, (a, b))
+    loss_ref = f(a, b, offsets)
+    grads_ref = torch.autograd.grad(loss_ref, (a, b))
+    assert_close(loss, loss_ref, "compiled loss", **tol(torch.float32))
+    for x, y in zip(grads, grads_ref, strict=True):
+        assert_close(x, y, "compiled grad", **tol(torch.float32))
+
+
+def test_dispatch():
+    assert sk.implementations("grouped_gemm") == ["ref", "triton"]
+    a, b, offsets = _operands([1, 1], 4, 4, torch.float64, False)
+    with pytest.raises(sk.ImplUnavailableError, match=r"grouped_gemm: impl='triton'.*float64"):
+        grouped_gemm(a, b, offsets, impl="triton")
+    assert sk.resolve("grouped_gemm", None, torch.device("cpu"), torch.float32) == "ref"
+
+
+# ----------------------------------------------------------------------------- GPU, bf16, model shapes
+
+
+def _zipf_sizes(rows: int, experts: int) -> list[int]:
+    probs = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+    ids = torch.multinomial(probs, rows, replacement=True)
+    counts = torch.bincount(ids, minlength=experts)  # test setup on the host, not the op under test
+    counts[torch.randperm(experts)[: experts // 8]] = 0  # >= 10% empty experts
+    return counts.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("K,N", [(2048, 1536), (768, 2048)], ids=["gate_up_30b", "down_30b"])
+def test_gpu_bf16_model_shape(K, N, trans_b):
+    device = torch.device("cuda")
+    sizes = _zipf_sizes(4096 * 8, 128)
+    a, b, offsets = _operands(sizes, K, N, torch.bfloat16, trans_b, pad=64, device=device)
+    out = grouped_gemm(a, b, offsets, trans_b=trans_b, impl="triton")
+    g = torch.randn(out.shape, device=device).to(torch.bfloat16)
+    da, db = torch.autograd.grad(out, (a, b), g)
+    a32, b32 = _fp32(a, b)
+    ref = grouped_gemm(a32, b32, offsets, trans_b=trans_b, impl="ref")
+    da_ref, db_ref = torch.autograd.grad(ref, (a32, b32), g.float())
+    ref_lowp = grouped_gemm(a.detach(), b.detach(), offsets, trans_b=trans_b, impl="ref")
+    assert_matches_ref_error(out, ref_lowp, ref, "forward bf16")
+    # The bf16 reference rounds once like the kernel: compare gradients at 2x its own error too.
+    da_lowp = grouped_gemm(g, b.detach(), offsets, trans_b=not trans_b, impl="ref")
+    assert_matches_ref_error(da, da_lowp, da_ref, "dA bf16")
+    db_lowp = grouped_gemm_dw_ref(a.detach(), g, offsets, trans_b)
+    assert_matches_ref_error(db, db_lowp, db_ref, "dB bf16")
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert torch.equal(db[e], torch.zeros_like(db[e]))
+    assert torch.equal(out[sum(sizes) :], torch.zeros_like(out[sum(sizes) :]))
+
+
+@pytest.mark.gpu
+def test_gpu_sync_free_and_bitwise_deterministic():
+    device = torch.device("cuda")
+    sizes = _zipf_sizes(4096 * 8, 128)
+    a, b, offsets = _operands(sizes, 2048, 1536, torch.bfloat16, False, device=device)
+    g = torch.randn(a.shape[0], 1536, device=device).to(torch.bfloat16)
+
+    def run():
+        out = grouped_gemm(a, b, offsets, impl="triton")
+        return (out, *torch.autograd.grad(out, (a, b), g))
+
+    first = run()  # compiles outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
