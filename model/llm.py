@@ -56,7 +56,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Hugging Face's rounding order (normalise, round, scale), returned in the input dtype so that
+        # an fp32 weight under autocast does not promote q/k away from v.
+        return (self.weight * x32.to(x.dtype)).to(x.dtype)
 
 
 def rope_cos_sin(

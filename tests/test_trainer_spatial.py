@@ -1,0 +1,212 @@
+"""The procedural spatial data: deterministic by (seed, index), and every answer agrees with the
+scene, checked here with geometry written independently of the generator (pinhole projection of
+the known 3D layout) and with the renderer as a black box (what changes when an object is removed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from trainer.data.chat import EncodeConfig, encode_conversation
+from trainer.data.manifest import ManifestDataset
+from trainer.data.render import render
+from trainer.data.spatial import (
+    KINDS,
+    PLURAL,
+    SpatialConfig,
+    SpatialDataset,
+    check_answer,
+    export_spatial,
+)
+from trainer.data.tokenizer import ByteTokenizer
+
+N_PER_KIND = 12
+
+
+def _single(kind: str, seed: int = 3) -> SpatialDataset:
+    return SpatialDataset(seed, SpatialConfig(mix=((kind, 1.0),)))
+
+
+def _cam_coords(scene, obj) -> np.ndarray:
+    """Camera coordinates (x right, y down, z forward) of the object's centre, from first principles."""
+    cam = scene.camera
+    p = np.array([obj.x, obj.height / 2 - cam.elevation, obj.z])  # relative to the camera
+    s, c = math.sin(cam.pitch), math.cos(cam.pitch)
+    return np.array([p[0], -c * p[1] - s * p[2], -s * p[1] + c * p[2]])
+
+
+def _contact_row(cam, obj) -> float:
+    """Image row where the object meets the ground: pinhole projection of (x, 0, z)."""
+    s, c = math.sin(cam.pitch), math.cos(cam.pitch)
+    y, z = -cam.elevation, obj.z
+    return cam.height / 2 + cam.focal * (-c * y - s * z) / (-s * y + c * z)
+
+
+def _named(scene, text: str) -> int:
+    names = [o.name for o in scene.objects]
+    return names.index(text)
+
+
+def _samples(kind: str):
+    ds = _single(kind)
+    out = [ds.sample(i) for i in range(N_PER_KIND)]
+    return [s for s in out if s[1] == kind]
+
+
+def test_deterministic_by_seed_and_index():
+    a, b = SpatialDataset(7), SpatialDataset(7)
+    for i in (0, 5, 123):
+        ca, cb = a[i], b[i]
+        assert ca.meta == cb.meta
+        assert ca.turns[1] == cb.turns[1]
+        np.testing.assert_array_equal(ca.turns[0].parts[0].source, cb.turns[0].parts[0].source)
+    assert a[1].meta != SpatialDataset(8)[1].meta or not np.array_equal(
+        a[1].turns[0].parts[0].source, SpatialDataset(8)[1].turns[0].parts[0].source
+    )
+
+
+def test_images_and_chat_format():
+    ds = SpatialDataset(0)
+    for i in range(10):
+        conv = ds[i]
+        image, question = conv.turns[0].parts
+        h, w, c = image.source.shape
+        assert image.kind == "image" and image.source.dtype == np.uint8 and c == 3
+        assert h in (56, 84, 112) and w in (56, 84, 112)
+        assert conv.turns[0].role == "user" and conv.turns[1].role == "assistant"
+        assert question.endswith(("?", "."))
+        assert conv.turns[1].parts[0] == conv.meta["answer"]
+        enc = encode_conversation(conv, ByteTokenizer())
+        assert (enc.ids == ByteTokenizer().image_token_id).sum() == h * w // (28 * 28)
+
+
+def test_every_kind_is_generated():
+    ds = SpatialDataset(0, SpatialConfig(mix=tuple((k, 1.0) for k in KINDS)))
+    assert {ds[i].meta["kind"] for i in range(60)} == set(KINDS)
+
+
+def test_count_answers():
+    samples = _samples("count")
+    assert samples
+    for scene, _, question, answer, _ in samples:
+        # Every object is visible in the rendered id buffer.
+        assert set(np.unique(scene.ids)) - {-1} == set(range(len(scene.objects)))
+        m = re.fullmatch(r"How many (\w+) are there\?", question)
+        shapes = [o.shape for o in scene.objects]
+        want = len(shapes) if m[1] == "objects" else sum(PLURAL[s] == m[1] for s in shapes)
+        assert answer == str(want)
+
+
+def test_closer_answers_match_the_image():
+    samples = _samples("closer")
+    assert samples
+    for scene, _, question, answer, _ in samples:
+        a, b = re.fullmatch(r"Which is closer to the camera, the (.+) or the (.+)\?", question).groups()
+        ia, ib = _named(scene, a), _named(scene, b)
+        za, zb = _cam_coords(scene, scene.objects[ia])[2], _cam_coords(scene, scene.objects[ib])[2]
+        assert max(za, zb) >= 1.2 * min(za, zb), "pairs differ by more than 20% in depth"
+        assert answer == f"the {a if za < zb else b}"
+        # In the image: the nearer object touches the ground lower down (pitched-down camera).
+        rows = {k: _contact_row(scene.camera, scene.objects[k]) for k in (ia, ib)}
+        near, far = (ia, ib) if za < zb else (ib, ia)
+        assert rows[near] > rows[far]
+
+
+def test_relation_depth_and_3d_answers():
+    for kind in ("relation", "depth", "ground3d", "depth_order"):
+        samples = _samples(kind)
+        assert samples, kind
+        for scene, _, question, answer, _ in samples:
+            if kind == "relation":
+                a, side, b = re.fullmatch(r"Is the (.+) to the (left|right) of the (.+)\?", question).groups()
+                xa = _cam_coords(scene, scene.objects[_named(scene, a)])[0]
+                xb = _cam_coords(scene, scene.objects[_named(scene, b)])[0]
+                assert abs(xa - xb) >= 0.3
+                assert answer == ("yes" if (xa < xb) == (side == "left") else "no")
+            elif kind == "depth":
+                name = re.fullmatch(r"What is the depth of the (.+) in meters\?", question)[1]
+                z = _cam_coords(scene, scene.objects[_named(scene, name)])[2]
+                assert abs(float(answer) - z) <= 0.051
+            elif kind == "ground3d":
+                name = re.fullmatch(
+                    r"Where is the center of the (.+) in camera coordinates, in meters\?", question
+                )[1]
+                want = _cam_coords(scene, scene.objects[_named(scene, name)])
+                got = np.array([float(v) for v in re.findall(r"-?\d+\.\d", answer)])
+                np.testing.assert_allclose(got, want, atol=0.051)
+            else:
+                names = re.findall(r"the ([a-z]+ [a-z]+)", question)
+                depth = {n: _cam_coords(scene, scene.objects[_named(scene, n)])[2] for n in names}
+                assert answer == ", ".join(sorted(names, key=depth.get))
+
+
+def test_boxes_match_what_the_object_changes_in_the_image():
+    samples = _samples("ground2d")
+    assert samples
+    for scene, _, question, answer, _ in samples:
+        name = re.fullmatch(r"Give the bounding box of the (.+)\.", question)[1]
+        k = _named(scene, name)
+        without = tuple(o for i, o in enumerate(scene.objects) if i != k)
+        ss = 2
+        _, ids_without, _ = render(scene.camera, without, ss)
+        # Pixels (supersampled) where removing the object changes what is seen: its visible pixels.
+        remap = np.array([i for i in range(len(scene.objects)) if i != k] + [-1])
+        changed = scene.ids != remap[ids_without]
+        rows, cols = np.nonzero(changed)
+        h, w = changed.shape
+        want = [
+            cols.min() / w * 999,
+            rows.min() / h * 999,
+            (cols.max() + 1) / w * 999,
+            (rows.max() + 1) / h * 999,
+        ]
+        got = [int(v) for v in re.fullmatch(r"<bbox>(\d+),(\d+),(\d+),(\d+)</bbox>", answer).groups()]
+        assert all(0 <= v <= 999 for v in got) and got[0] < got[2] and got[1] < got[3]
+        np.testing.assert_allclose(got, want, atol=1.0)
+
+
+def test_check_answer():
+    assert check_answer("count", " 3. ", "3")
+    assert not check_answer("count", "4", "3")
+    assert check_answer("closer", "<think>red: 3 m; blue: 5 m</think>The red cube", "the red cube")
+    assert check_answer("ground2d", "<bbox>100,100,200,200</bbox>", "<bbox>110,100,210,200</bbox>")
+    assert not check_answer("ground2d", "<bbox>100,100,200,200</bbox>", "<bbox>300,300,400,400</bbox>")
+    assert not check_answer("ground2d", "a box", "<bbox>300,300,400,400</bbox>")
+    assert check_answer("depth", "4.3", "4.0") and not check_answer("depth", "4.5", "4.0")
+    assert check_answer("ground3d", "(0.1, 0.5, 4.1)", "(0.0, 0.5, 4.0)")
+    assert not check_answer("ground3d", "(0.1, 0.5)", "(0.0, 0.5, 4.0)")
+    ds = SpatialDataset(1)
+    for i in range(30):
+        meta = ds[i].meta
+        assert check_answer(meta["kind"], meta["answer"], meta["answer"])
+
+
+def test_think_rationale_is_optional():
+    ds = SpatialDataset(0, SpatialConfig(mix=(("closer", 1.0),), think_prob=1.0))
+    conv = next(c for c in (ds[i] for i in range(20)) if c.meta["kind"] == "closer")
+    reply = conv.turns[1].parts[0]
+    assert reply.startswith("<think>") and reply.endswith("</think>" + conv.meta["answer"])
+
+
+def test_export_round_trip(tmp_path):
+    manifest = export_spatial(tmp_path, 6, seed=4)
+    loaded = ManifestDataset(manifest)
+    ds, tok, cfg = SpatialDataset(4), ByteTokenizer(), EncodeConfig()
+    assert loaded.num_samples == 6
+    for i in range(6):
+        a, b = encode_conversation(ds[i], tok, cfg), encode_conversation(loaded[i], tok, cfg)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.levels, b.levels)
+        for pa, pb in zip(a.images, b.images, strict=True):
+            assert pa.grid_hw == pb.grid_hw
+            assert bool((pa.patches == pb.patches).all()), "PNG export must be lossless"
+        assert loaded[i].meta["kind"] == ds[i].meta["kind"]
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown kinds"):
+        SpatialConfig(mix=(("colour", 1.0),))

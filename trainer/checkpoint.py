@@ -1,0 +1,147 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+A checkpoint is a directory ``<root>/step_<8 digits>`` holding the DCP files of
+
+    model     the model's state dict (torch.distributed.checkpoint.state_dict.get_state_dict)
+    optim     the optimizer's state, keyed by parameter name
+    rng       torch's CPU (and CUDA) generator states
+    trainer   JSON: step, stage, stage step, data positions, the LR scheduler's state, run config
+
+plus ``meta.json`` (the same trainer JSON, for people). It is written into ``<root>/.tmp-...`` and
+renamed into place only when complete, then ``<root>/latest`` is replaced (write + os.replace) to
+name it, so a crash mid-save leaves the previous checkpoint intact and ``latest`` pointing at it;
+leftover ``.tmp-*`` directories are removed by the next save. Only the newest ``keep`` are kept.
+DCP writes one file per rank, so the same code saves a sharded (FSDP2) model across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            state[f"cuda{i}"] = torch.cuda.get_rng_state(i)
+    return state
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns that it assumes one process when torch.distributed is not initialised: expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep: expected >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or the newest complete one if that file is missing."""
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if (path / "meta.json").is_file():
+                return path
+            log.warning(
+                "checkpoint pointer %s names %s, which is incomplete; scanning instead", pointer, path
+            )
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically; returns its directory."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        meta = json.dumps(trainer_state, indent=1, sort_keys=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state(), "trainer": meta}
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=str(tmp))
+        (tmp / "meta.json").write_text(meta + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. resumed at a stage end): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer_tmp = self.root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def read_meta(path: Path) -> dict:
+        return json.loads((Path(path) / "meta.json").read_text())
+
+    @staticmethod
+    def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Load model, optimizer and RNG states in place from ``path``; returns the trainer state."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        rng = {k: torch.empty_like(v) for k, v in _rng_state().items()}
+        state = {"model": model_sd, "optim": optim_sd, "rng": rng, "trainer": ""}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        for key, value in state["rng"].items():
+            if key.startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state(value, int(key[4:]))
+        return json.loads(state["trainer"])
+
+    @staticmethod
+    def load_model(path: Path, model: nn.Module) -> None:
+        """Only the model weights of a checkpoint (``--init``: e.g. SFT from a pre-training run)."""
+        state = {"model": get_model_state_dict(model)}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])

@@ -1,0 +1,362 @@
+"""Procedural spatial-reasoning data, the trainer's embedded default (in the spirit of VST-P).
+
+Each sample is one rendered scene of 2-5 simple objects (spheres, cubes, cylinders in distinct
+colours) standing on a checkered ground plane, seen by a pinhole camera pitched down, and one
+question about it whose answer is computed from the known 3D layout, so every answer is verifiable
+(:func:`check_answer`):
+
+| kind | question | answer |
+|---|---|---|
+| ``count`` | How many cubes are there? | ``2`` |
+| ``closer`` | Which is closer to the camera, the red cube or the blue sphere? | ``the red cube`` |
+| ``relation`` | Is the red cube to the left of the blue sphere? | ``yes`` |
+| ``depth_order`` | Sort from nearest to farthest: ... | ``blue sphere, red cube, gray cylinder`` |
+| ``ground2d`` | Give the bounding box of the red cube. | ``<bbox>x1,y1,x2,y2</bbox>`` in [0, 999] |
+| ``depth`` | What is the depth of the red cube in meters? | ``4.2`` |
+| ``ground3d`` | Where is the center of the red cube in camera coordinates, in meters? | ``(0.4, 0.9, 4.2)`` |
+
+Conventions: camera coordinates are x right, y down, z forward (OpenCV); depth is z. Boxes are the
+visible pixels' extent, normalised to [0, 999] as the paper does for all coordinates (§3.1.3).
+Relative-depth questions only pair objects whose depths differ by more than 20% (the paper's
+threshold for its relative-depth data, §3.1.4), and left/right only objects 0.3 m apart.
+
+Images come from exact ray casting (trainer.data.render, a numba kernel with a per-pixel depth
+test); its id buffer gives each object's visible pixels, so boxes and visibility checks come from
+the rendered image itself. A sample (56-112 px, 2x2 supersampled) takes a few milliseconds, so data
+is generated on the fly (the first call compiles the kernel, a few seconds, cached on disk after).
+
+Everything is a pure function of (seed, index): sample ``i`` draws from
+``np.random.default_rng([seed, i])``. :func:`export_spatial` writes samples as a JSONL manifest plus
+PNG files that trainer.data.manifest reads back pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .chat import Conversation, Media, Turn
+from .render import COLORS, SHAPES, Camera, Object3D, render
+from .tokenizer import BBOX, END_BBOX, END_THINK, THINK
+
+PLURAL = {"sphere": "spheres", "cube": "cubes", "cylinder": "cylinders"}
+KINDS = ("count", "closer", "relation", "depth_order", "ground2d", "depth", "ground3d")
+# Short, learnable answers dominate the default mixture (a tiny model on a CPU learns them first).
+DEFAULT_MIX = (
+    ("count", 0.3), ("closer", 0.3), ("relation", 0.1), ("ground2d", 0.1),
+    ("depth_order", 0.05), ("depth", 0.1), ("ground3d", 0.05),
+)  # fmt: skip
+DEPTH_GAP = 1.2  # relative-depth questions: farther depth >= 1.2 x nearer depth
+LATERAL_GAP = 0.3  # left/right questions: |x1 - x2| >= 0.3 m
+
+
+@dataclass(frozen=True)
+class SpatialConfig:
+    sizes: tuple[int, ...] = (56, 84, 112)  # image sides in px, multiples of 28 (no resize needed)
+    min_objects: int = 2
+    max_objects: int = 5
+    mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
+    think_prob: float = 0.0  # fraction of answers preceded by a <think>...</think> rationale
+    supersample: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = [k for k, _ in self.mix if k not in KINDS]
+        if unknown:
+            raise ValueError(f"SpatialConfig.mix: unknown kinds {unknown}; known: {KINDS}")
+        if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
+            raise ValueError(f"SpatialConfig: expected 1 <= min_objects <= max_objects <= {len(COLORS)}")
+
+
+@dataclass(frozen=True)
+class Scene:
+    camera: Camera
+    objects: tuple[Object3D, ...]
+    image: np.ndarray = field(repr=False, compare=False)  # (H, W, 3) uint8
+    ids: np.ndarray = field(repr=False, compare=False)  # (H*s, W*s) int8 object id per pixel, -1 none
+    silhouettes: tuple[int, ...] = ()  # unoccluded pixels of each object in the id buffer
+
+    def depth(self, k: int) -> float:
+        return float(self.camera.to_camera(self.objects[k].center)[2])
+
+    def distance(self, k: int) -> float:
+        return float(np.linalg.norm(self.objects[k].center - self.camera.origin))
+
+    def visible_box(self, k: int) -> tuple[int, int, int, int]:
+        """Visible extent of object k, (x1, y1, x2, y2) normalised to [0, 999]."""
+        rows, cols = np.nonzero(self.ids == k)
+        h, w = self.ids.shape
+        sx, sy = 999 / w, 999 / h
+        return (
+            round(cols.min() * sx),
+            round(rows.min() * sy),
+            round((cols.max() + 1) * sx),
+            round((rows.max() + 1) * sy),
+        )
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def sample_scene(rng: np.random.Generator, cfg: SpatialConfig = SpatialConfig()) -> Scene:
+    """A random scene where every object is in frame and at least a third visible."""
+    for _ in range(100):
+        h, w = (int(v) for v in rng.choice(cfg.sizes, size=2))
+        cam = Camera(
+            width=w, height=h, elevation=float(rng.uniform(1.2, 2.2)),
+            pitch=math.radians(float(rng.uniform(12, 28))), focal=float(max(h, w) * rng.uniform(0.9, 1.2)),
+        )  # fmt: skip
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        colors = rng.permutation(list(COLORS))[:n]
+        objects: list[Object3D] = []
+        for color in colors:
+            for _ in range(30):
+                shape = SHAPES[int(rng.integers(len(SHAPES)))]
+                size = float(rng.uniform(0.25, 0.5))
+                z = float(rng.uniform(2.5, 7.0))
+                half_fov = (w / 2) / cam.focal
+                x = float(rng.uniform(-0.8, 0.8) * z * half_fov)
+                cand = Object3D(shape, str(color), size, x, z, float(rng.uniform(0, math.pi / 2)))
+                if _center_in_frame(cam, cand) and all(
+                    math.hypot(x - o.x, z - o.z) > 1.5 * (size + o.size) + 0.1 for o in objects
+                ):
+                    objects.append(cand)
+                    break
+        if len(objects) < cfg.min_objects:
+            continue
+        scene = Scene(cam, tuple(objects), *render(cam, tuple(objects), cfg.supersample))
+        if all(_well_visible(scene, k, cfg.supersample) for k in range(len(objects))):
+            return scene
+    raise RuntimeError("sample_scene: no valid scene in 100 tries; loosen SpatialConfig")
+
+
+def _center_in_frame(cam: Camera, obj: Object3D) -> bool:
+    c = cam.to_camera(obj.center)
+    u, v = cam.width / 2 + cam.focal * c[0] / c[2], cam.height / 2 + cam.focal * c[1] / c[2]
+    return 0.08 * cam.width < u < 0.92 * cam.width and 0.08 * cam.height < v < 0.95 * cam.height
+
+
+def _well_visible(scene: Scene, k: int, ss: int) -> bool:
+    visible = (scene.ids == k).sum()
+    return visible >= max(6 * ss * ss, scene.silhouettes[k] / 3)
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _q_count(scene, rng):
+    if rng.random() < 1 / 3:
+        return "How many objects are there?", str(len(scene.objects)), None
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    count = sum(o.shape == shape for o in scene.objects)
+    names = ", ".join(o.name for o in scene.objects if o.shape == shape) or "none"
+    return f"How many {PLURAL[shape]} are there?", str(count), f"{PLURAL[shape]}: {names}."
+
+
+def _pairs(scene, ok):
+    n = len(scene.objects)
+    return [(i, j) for i in range(n) for j in range(n) if i != j and ok(i, j)]
+
+
+def _q_closer(scene, rng):
+    def ok(i, j):
+        di, dj = sorted((scene.depth(i), scene.depth(j)))
+        ei, ej = sorted((scene.distance(i), scene.distance(j)))
+        same_order = (scene.depth(i) < scene.depth(j)) == (scene.distance(i) < scene.distance(j))
+        return dj >= DEPTH_GAP * di and ej >= DEPTH_GAP * ei and same_order
+
+    pairs = _pairs(scene, ok)
+    if not pairs:
+        return None
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    near = i if scene.depth(i) < scene.depth(j) else j
+    a, b = scene.objects[i].name, scene.objects[j].name
+    why = f"{a}: {_fmt(scene.depth(i))} m; {b}: {_fmt(scene.depth(j))} m."
+    return f"Which is closer to the camera, the {a} or the {b}?", f"the {scene.objects[near].name}", why
+
+
+def _q_relation(scene, rng):
+    xs = [scene.camera.to_camera(o.center)[0] for o in scene.objects]
+    pairs = _pairs(scene, lambda i, j: abs(xs[i] - xs[j]) >= LATERAL_GAP)
+    if not pairs:
+        return None
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    side = "left" if rng.random() < 0.5 else "right"
+    truth = xs[i] < xs[j] if side == "left" else xs[i] > xs[j]
+    a, b = scene.objects[i].name, scene.objects[j].name
+    why = f"{a}: x = {_fmt(xs[i])} m; {b}: x = {_fmt(xs[j])} m."
+    return f"Is the {a} to the {side} of the {b}?", "yes" if truth else "no", why
+
+
+def _q_depth_order(scene, rng):
+    order = sorted(range(len(scene.objects)), key=scene.depth)
+    chains = [
+        order[s : s + 3]
+        for s in range(len(order) - 2)
+        if all(scene.depth(order[s + t + 1]) >= DEPTH_GAP * scene.depth(order[s + t]) for t in range(2))
+    ]
+    if not chains:
+        return None
+    chain = chains[int(rng.integers(len(chains)))]
+    shown = [chain[p] for p in rng.permutation(3)]
+    ask = ", ".join(f"the {scene.objects[k].name}" for k in shown)
+    why = " ".join(f"{scene.objects[k].name}: {_fmt(scene.depth(k))} m;" for k in shown)
+    answer = ", ".join(scene.objects[k].name for k in chain)
+    return f"Sort from nearest to farthest: {ask}.", answer, why
+
+
+def _q_ground2d(scene, rng):
+    k = int(rng.integers(len(scene.objects)))
+    box = ",".join(str(v) for v in scene.visible_box(k))
+    return f"Give the bounding box of the {scene.objects[k].name}.", f"{BBOX}{box}{END_BBOX}", None
+
+
+def _q_depth(scene, rng):
+    k = int(rng.integers(len(scene.objects)))
+    return f"What is the depth of the {scene.objects[k].name} in meters?", _fmt(scene.depth(k)), None
+
+
+def _q_ground3d(scene, rng):
+    k = int(rng.integers(len(scene.objects)))
+    x, y, z = scene.camera.to_camera(scene.objects[k].center)
+    question = f"Where is the center of the {scene.objects[k].name} in camera coordinates, in meters?"
+    return question, f"({_fmt(x)}, {_fmt(y)}, {_fmt(z)})", None
+
+
+_QUESTIONS = {
+    "count": _q_count, "closer": _q_closer, "relation": _q_relation, "depth_order": _q_depth_order,
+    "ground2d": _q_ground2d, "depth": _q_depth, "ground3d": _q_ground3d,
+}  # fmt: skip
+
+
+def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str, str | None] | None:
+    """(question, answer, rationale or None) of ``kind`` about ``scene``; None if it has no such
+    question (e.g. no pair of objects differs enough in depth)."""
+    return _QUESTIONS[kind](scene, rng)
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+_THINK_RE = re.compile(re.escape(THINK) + ".*?" + re.escape(END_THINK), re.DOTALL)
+_NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _norm(s: str) -> str:
+    return " ".join(_THINK_RE.sub("", s).strip().lower().rstrip(".").split())
+
+
+def check_answer(kind: str, prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` answers correctly: exact (normalised) for counts, choices and orders;
+    IoU >= 0.5 for boxes; within 10% for depths and 3D centres. A <think> span is ignored."""
+    pred, ref = _norm(prediction), _norm(reference)
+    if kind == "ground2d":
+        p, r = [float(v) for v in _NUM_RE.findall(pred)], [float(v) for v in _NUM_RE.findall(ref)]
+        return len(p) == 4 and _iou(p, r) >= 0.5
+    if kind in ("depth", "ground3d"):
+        p, r = np.array(_NUM_RE.findall(pred), float), np.array(_NUM_RE.findall(ref), float)
+        return p.shape == r.shape and bool(np.linalg.norm(p - r) <= 0.1 * np.linalg.norm(r))
+    return pred == ref
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class SpatialDataset:
+    """Infinite, deterministic stream of spatial QA conversations: ``ds[i]`` depends only on
+    (seed, i). ``meta`` holds the kind, question, answer and the scene."""
+
+    num_samples = None  # unbounded
+
+    def __init__(self, seed: int = 0, cfg: SpatialConfig = SpatialConfig()) -> None:
+        self.seed, self.cfg = seed, cfg
+        kinds, weights = zip(*cfg.mix, strict=True)
+        self._kinds = list(kinds)
+        self._p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+
+    @property
+    def name(self) -> str:
+        return f"spatial(seed={self.seed})"
+
+    def sample(self, index: int) -> tuple[Scene, str, str, str, str | None]:
+        """(scene, kind, question, answer, rationale) of sample ``index``."""
+        rng = np.random.default_rng([self.seed, index])
+        scene = sample_scene(rng, self.cfg)
+        kind = str(rng.choice(self._kinds, p=self._p))
+        qa = ask(scene, kind, rng)
+        if qa is None:  # the scene has no such question: fall back to counting
+            kind, qa = "count", ask(scene, "count", rng)
+        return (scene, kind, *qa)
+
+    def __getitem__(self, index: int) -> Conversation:
+        scene, kind, question, answer, why = self.sample(index)
+        rng = np.random.default_rng([self.seed, index, 1])
+        reply = answer
+        if why is not None and rng.random() < self.cfg.think_prob:
+            reply = f"{THINK}{why}{END_THINK}{answer}"
+        turns = (
+            Turn("user", (Media("image", scene.image), question)),
+            Turn("assistant", (reply,)),
+        )
+        meta = {"kind": kind, "question": question, "answer": answer, "index": index}
+        return Conversation(turns, sample_id=f"spatial-{self.seed}-{index}", meta=meta)
+
+
+def export_spatial(
+    out_dir: str | Path, num: int, seed: int = 0, cfg: SpatialConfig = SpatialConfig()
+) -> Path:
+    """Write samples 0..num-1 as ``out_dir/data.jsonl`` + ``out_dir/images/*.png``; returns the
+    manifest path. Lines use the {"images": [...], "messages": [...]} form of trainer.data.manifest."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    ds = SpatialDataset(seed, cfg)
+    manifest = out / "data.jsonl"
+    with open(manifest, "w") as f:
+        for i in range(num):
+            conv = ds[i]
+            media, question = conv.turns[0].parts
+            rel = f"images/{i:07d}.png"
+            Image.fromarray(media.source).save(out / rel)
+            record = {
+                "id": conv.sample_id,
+                "images": [rel],
+                "messages": [
+                    {"role": "user", "content": f"<image>{question}"},
+                    {"role": "assistant", "content": conv.turns[1].parts[0]},
+                ],
+                "meta": {k: conv.meta[k] for k in ("kind", "answer")},
+            }
+            f.write(json.dumps(record) + "\n")
+    return manifest
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Export procedural spatial QA samples as JSONL + PNG.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(export_spatial(args.out, args.num, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Run logs: a JSONL record per step, TensorBoard scalars, a tqdm progress bar, messages to the
+console and ``train.log``, and the loss curve as a PNG at the end.
+
+(Not ``trainer/logging.py``: run as a script, ``trainer/`` would be on sys.path and that name would
+shadow the standard library's ``logging``.)
+
+``log.jsonl`` holds one object per line: step records (``step``, ``stage``, ``loss`` = mean
+cross-entropy over the step's target tokens, ``lr``, ``grad_norm``, ``tokens``, ``tok_per_s``, the
+MoE ``lb_loss``/``z_loss``, ...) and events (``{"event": "stage_end", ...}``). A resumed run appends;
+steps it repeats after the checkpoint are logged again, and readers keep the last record per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("trainer")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console messages printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+def setup_logging(out_dir: Path, level: int = logging.INFO) -> None:
+    """Messages of the ``trainer`` loggers to the console (above the bar) and to out_dir/train.log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("trainer")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    file = logging.FileHandler(out_dir / "train.log")
+    file.setFormatter(fmt)
+    root.addHandler(console)
+    root.addHandler(file)
+    root.setLevel(level)
+
+
+class RunLog:
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        *,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        self.out_dir = out_dir
+        self.path = out_dir / "log.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                log.warning("tensorboard is not installed; no TensorBoard scalars (pip install tensorboard)")
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        self._t0 = time.time()
+
+    def step(self, record: dict) -> None:
+        record = {"time": round(time.time() - self._t0, 3), **record}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step, stage = record["step"], record["stage"]
+            self._tb.add_scalar(f"loss/{stage}", record["loss"], step)
+            self._tb.add_scalar("loss/all", record["loss"], step)
+            for key in ("lr", "grad_norm", "tok_per_s", "lb_loss", "z_loss"):
+                if key in record:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        self._bar.update(1)
+        r = record
+        self._bar.set_postfix_str(
+            f"{r['stage']} loss {r['loss']:.3f} lr {r['lr']:.2e} {r['tok_per_s']:.0f} tok/s"
+        )
+
+    def event(self, name: str, **data) -> None:
+        self._file.write(json.dumps({"event": name, **data}) + "\n")
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def read_steps(path: Path) -> list[dict]:
+    """Step records of a log.jsonl, the last one of each step (a resumed run re-logs some), by step."""
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if "step" in rec and "loss" in rec:
+                by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def stage_summary(records: list[dict], edge: int = 10) -> list[dict]:
+    """Per stage, in order: steps, mean loss over its first and last ``edge`` steps, tokens/s."""
+    stages: dict[str, list[dict]] = {}
+    for r in records:
+        stages.setdefault(r["stage"], []).append(r)
+    out = []
+    for name, recs in stages.items():
+        n = min(edge, len(recs))
+        mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)
+        out.append(
+            {
+                "stage": name,
+                "steps": len(recs),
+                "loss_first": mean(recs[:n]),
+                "loss_last": mean(recs[-n:]),
+                "tok_per_s": sum(r["tok_per_s"] for r in recs) / len(recs),
+            }
+        )
+    return out
+
+
+def plot_losses(records: list[dict], png: Path) -> Path | None:
+    """Loss (raw and smoothed) and LR against the step, one colour per stage."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
+    stages: dict[str, list[dict]] = {}
+    for r in records:
+        stages.setdefault(r["stage"], []).append(r)
+    for i, (name, recs) in enumerate(stages.items()):
+        color = f"C{i}"
+        steps = [r["step"] for r in recs]
+        losses = [r["loss"] for r in recs]
+        ax.plot(steps, losses, color=color, alpha=0.3, linewidth=0.8)
+        ax.plot(steps, _ema(losses), color=color, linewidth=1.8, label=name)
+        ax_lr.plot(steps, [r["lr"] for r in recs], color=color)
+        ax.axvline(steps[0], color="gray", linewidth=0.5, linestyle=":")
+    ax.set_ylabel("loss (CE per target token)")
+    ax.set_title("training loss by stage (thin: per step; thick: EMA)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.set_ylabel("LR")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_yscale("log")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None or not math.isfinite(avg) else beta * avg + (1 - beta) * v
+        out.append(avg)
+    return out

@@ -1,0 +1,215 @@
+"""Training recipes as data: the Seed1.5-VL stages with the paper's hyperparameters, and the rule
+that scales them to a preset.
+
+Paper values (Seed1.5-VL Table 4 and §3.2 for pre-training; §4.1.2 for SFT):
+
+| stage | trainable | tokens | seq len | batch (tokens) | warmup | max LR | min LR | schedule |
+|---|---|---|---|---|---|---|---|---|
+| stage0 | MLP adapter | 16B | 32,768 | 8.4M | 100 steps | 2.52e-4 | 4.50e-5 | warmup + cosine |
+| stage1 | all | 3T | 32,768 | 71M | 500 steps | 5.22e-5 | 5.22e-6 | warmup + cosine |
+| stage2 | all | 240B | 131,072 | 71M | 0 | 5.22e-6 | 5.22e-6 | constant (stage 1's final LR) |
+| sft | all but the ViT | ~2 epochs | 131,072 | 16 x seq len | 10% | 2e-5 | 2e-6 | warmup + cosine |
+
+All stages: AdamW, beta = (0.9, 0.95), weight decay 0.1 with biases and norm weights excluded.
+Stage 2 keeps stage 1's optimizer states ("we load the optimizer states from stage 1, so no
+learning rate warmup is used"); the other stages start a fresh optimizer. Warmups are kept as the
+paper's fraction of each stage (100 of ~1.9k steps, 500 of ~42k steps). Gradient clipping (norm 1.0)
+is our choice; the paper does not state one.
+
+Scaling to a preset (:func:`scale_to`):
+- learning rates x (4096 / LLM hidden): the 1/width rule for Adam (muP-style). The reference width
+  4096 is Qwen3-235B-A22B's, our stand-in for Seed's 20B-active LLM, so the big presets get the
+  paper's values, the 2048-wide ones twice them, and the 64-wide tiny preset 64x (stage 1 peaks at
+  3.3e-3, a usual LR for a model that small);
+- sequence budgets x min(1, hidden / 2048): the paper's 32k/131k for real models, 1,024/4,096
+  tokens per step for the tiny preset on a CPU;
+- ``steps`` are the tiny preset's defaults (the whole recipe in ~3 minutes on a 2-core CPU); real
+  runs set ``--steps`` or ``--tokens``.
+One step is one packed sequence of at most ``seq_len`` tokens, times ``accum`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, replace
+
+from model.config import VLMConfig
+
+from .data.chat import LEVEL_PROMPT, LEVEL_RESPONSE
+
+MODULES = ("vit", "adapter", "llm")
+REFERENCE_HIDDEN = 4096  # LLM width at which the paper's learning rates apply unchanged
+REFERENCE_SEQ_HIDDEN = 2048  # below this width, sequence budgets shrink in proportion
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trainable: tuple[str, ...]  # of MODULES
+    lr_max: float
+    lr_min: float
+    schedule: str  # "cosine": linear warmup to lr_max, cosine to lr_min; "constant": lr_max throughout
+    warmup: float  # fraction of the stage's steps
+    seq_len: int  # LLM tokens per packed micro-batch
+    steps: int
+    min_level: int  # a token is a target from this loss level on (trainer.data.chat)
+    reset_optimizer: bool = True
+    accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    data: str | None = None  # this stage's data source; None: the run's --data
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.trainable if m not in MODULES]
+        if bad or not self.trainable:
+            raise ValueError(
+                f"Stage {self.name}.trainable: expected a non-empty subset of {MODULES}, got {self.trainable}"
+            )
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"Stage {self.name}.schedule: expected 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"Stage {self.name}.warmup: expected a fraction in [0, 1), got {self.warmup}")
+        if self.seq_len <= 0 or self.steps < 0 or self.accum <= 0:
+            raise ValueError(f"Stage {self.name}: seq_len and accum must be > 0 and steps >= 0")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError(
+                f"Stage {self.name}: expected 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}"
+            )
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup * self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """LR at optimizer step ``step`` (0-based) of this stage, as a fraction of lr_max."""
+        if self.schedule == "constant":
+            return 1.0
+        w = self.warmup_steps
+        if step < w:
+            return (step + 1) / w
+        progress = min(1.0, (step - w) / max(1, self.steps - w - 1))
+        floor = self.lr_min / self.lr_max
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# The paper's stages; `steps` are the tiny preset's CPU-scale defaults.
+STAGES: dict[str, Stage] = {
+    "stage0": Stage(
+        "stage0", ("adapter",), lr_max=2.52e-4, lr_min=4.50e-5, schedule="cosine", warmup=100 / 1905,
+        seq_len=32_768, steps=20, min_level=LEVEL_PROMPT,
+    ),
+    "stage1": Stage(
+        "stage1", MODULES, lr_max=5.22e-5, lr_min=5.22e-6, schedule="cosine", warmup=500 / 42_254,
+        seq_len=32_768, steps=250, min_level=LEVEL_PROMPT,
+    ),
+    "stage2": Stage(
+        "stage2", MODULES, lr_max=5.22e-6, lr_min=5.22e-6, schedule="constant", warmup=0.0,
+        seq_len=131_072, steps=20, min_level=LEVEL_PROMPT, reset_optimizer=False,
+    ),
+    "sft": Stage(
+        "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
+        seq_len=131_072, steps=40, min_level=LEVEL_RESPONSE,
+    ),
+}  # fmt: skip
+
+RECIPES: dict[str, tuple[str, ...]] = {
+    "vlm": ("stage0", "stage1", "stage2", "sft"),  # the whole Seed1.5-VL recipe (the default)
+    "pretrain": ("stage0", "stage1", "stage2"),
+    "sft": ("sft",),
+}
+
+
+def get_recipe(name: str) -> tuple[Stage, ...]:
+    """A named recipe, or a comma-separated list of stage names (``stage1,sft``)."""
+    names = RECIPES.get(name, tuple(n.strip() for n in name.split(",")))
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise KeyError(
+            f"unknown recipe or stage {', '.join(unknown)!s}; recipes: {', '.join(RECIPES)}; "
+            f"stages: {', '.join(STAGES)}"
+        )
+    return tuple(STAGES[n] for n in names)
+
+
+def scale_to(stages: tuple[Stage, ...], cfg: VLMConfig) -> tuple[Stage, ...]:
+    """The stages with learning rates and sequence budgets scaled to ``cfg`` (module docstring).
+
+    Stage 2 starts where stage 1 ended: its constant LR is stage 1's (scaled) final LR.
+    """
+    lr_mult = REFERENCE_HIDDEN / cfg.llm.hidden
+    seq_mult = min(1.0, cfg.llm.hidden / REFERENCE_SEQ_HIDDEN)
+    out = [
+        replace(
+            s,
+            lr_max=s.lr_max * lr_mult,
+            lr_min=s.lr_min * lr_mult,
+            seq_len=max(256, round(s.seq_len * seq_mult)),
+        )
+        for s in stages
+    ]
+    return tuple(out)
+
+
+def with_steps(
+    stages: tuple[Stage, ...], steps: int | None = None, tokens: int | None = None
+) -> tuple[Stage, ...]:
+    """Rescale the stages' steps to ``steps`` in all, or to ``tokens`` (budget) in all, keeping their
+    proportions (by steps, or by tokens = steps x seq_len x accum)."""
+    if steps is not None and tokens is not None:
+        raise ValueError("pass --steps or --tokens, not both")
+    if steps is None and tokens is None:
+        return stages
+    if steps is not None:
+        total = sum(s.steps for s in stages)
+        return tuple(replace(s, steps=max(1, round(steps * s.steps / total))) for s in stages)
+    weights = [s.steps * s.seq_len * s.accum for s in stages]
+    total = sum(weights)
+    return tuple(
+        replace(s, steps=max(1, round(tokens * w / total / (s.seq_len * s.accum))))
+        for s, w in zip(stages, weights, strict=True)
+    )
+
+
+def apply_overrides(stages: tuple[Stage, ...], overrides: list[str]) -> tuple[Stage, ...]:
+    """``stage.field=value`` (or ``*.field=value`` for every stage), e.g. ``stage1.lr_max=1e-3``,
+    ``*.seq_len=2048``, ``sft.trainable=adapter,llm``."""
+    stages = list(stages)
+    types = {f.name: f.type for f in dataclasses.fields(Stage)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        target, dot, field = key.partition(".")
+        if not sep or not dot or field not in types or field == "name":
+            raise ValueError(
+                f"override {item!r}: expected STAGE.FIELD=VALUE with FIELD one of {sorted(types)}"
+            )
+        hits = [i for i, s in enumerate(stages) if target in ("*", s.name)]
+        if not hits:
+            raise ValueError(
+                f"override {item!r}: no stage {target!r} in this recipe ({[s.name for s in stages]})"
+            )
+        for i in hits:
+            stages[i] = replace(stages[i], **{field: _parse(field, types[field], value)})
+    return tuple(stages)
+
+
+def _parse(field: str, typ: object, value: str) -> object:
+    typ = str(typ)
+    if typ.startswith("tuple[str"):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if typ.startswith("tuple[float"):
+        return tuple(float(v) for v in value.split(","))
+    if typ == "bool":
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"override {field}: expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if typ == "int":
+        return int(float(value))
+    if typ == "float":
+        return float(value)
+    if typ.startswith("str | None"):
+        return None if value.lower() in ("", "none") else value
+    return value

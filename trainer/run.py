@@ -1,0 +1,117 @@
+"""The main job: train a Seed1.5-VL model through its recipe.
+
+    python trainer/run.py                      # tiny preset, embedded spatial data, stage 0 -> 1 -> 2 -> SFT
+    python trainer/run.py --recipe sft --data my_data.jsonl --tokenizer /path/to/hf_tokenizer
+    python trainer/run.py --steps 2000 --set stage1.lr_max=2e-3 --set '*.seq_len=2048'
+    python trainer/run.py --out runs/x --resume  # continue the last checkpoint of runs/x
+
+Writes <out>/log.jsonl, <out>/train.log, <out>/tensorboard/, <out>/checkpoints/, <out>/loss.png
+and <out>/summary.json. See trainer/recipes.py for the stages and trainer/loop.py for the loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts trainer/ first on sys.path, where its modules would shadow top-level
+# names; the repository root is what the imports below need.
+_REPO = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0] or ".").resolve() == _REPO / "trainer":
+    sys.path[0] = str(_REPO)
+elif str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import argparse  # noqa: E402
+
+from trainer.loop import RunConfig, SetupError, train  # noqa: E402
+from trainer.recipes import RECIPES, STAGES  # noqa: E402
+
+
+def _steps_range(text: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    try:
+        first, last = int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (first and last step), got {text!r}") from None
+    if not sep or not 1 <= first <= last:
+        raise argparse.ArgumentTypeError(f"expected A:B with 1 <= A <= B, got {text!r}")
+    return first, last
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    # fmt: off
+    p = argparse.ArgumentParser(
+        description="Train a Seed1.5-VL model through its recipe (stage 0 -> 1 -> 2 -> SFT by default). "
+        "With no arguments: the tiny preset on the embedded spatial data, a few minutes on a CPU."
+    )
+    add = p.add_argument
+    add("--recipe", default="vlm",
+        help=f"recipe ({', '.join(RECIPES)}; default vlm) or stages a,b ({', '.join(STAGES)})")
+    add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
+    add("--data", default="spatial", help="'spatial' (the embedded data, default) or a JSONL manifest")
+    add("--tokenizer", default="bytes", help="'bytes' (default) or a local Hugging Face tokenizer directory")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="total optimizer steps, split over stages as the recipe's")
+    budget.add_argument("--tokens", type=float, help="or a total token budget, split as the recipe's tokens")
+    add("--out", type=Path, help="output directory (default runs/<recipe>-<preset>)")
+    add("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add("--overwrite", action="store_true", help="delete a previous run in --out first")
+    add("--init", type=Path, help="start from the model weights of a checkpoint or run directory")
+    add("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+        help="override a stage field, e.g. stage1.lr_max=1e-3, '*.seq_len=2048', sft.steps=50")
+    add("--seed", type=int, default=0, help="model init and data order (default 0)")
+    add("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.use_deterministic_algorithms (default: on for CPU, off for GPU)")
+    add("--ckpt-every", type=int, default=100, help="checkpoint every N steps and at stage ends (100)")
+    add("--keep", type=int, default=2, help="checkpoints to keep (2)")
+    add("--window", type=int, default=256, help="samples bin-packed together (256)")
+    add("--max-pixels", type=int, help="per-image pixel budget (default 224x224 tiny, else 3584x3584)")
+    add("--eval-samples", type=int, default=64, help="held-out spatial questions answered at the end (64)")
+    add("--profile-steps", type=_steps_range, metavar="A:B", help="profile steps A..B (as in the log)")
+    add("--profiler", choices=("torch", "nsys"), default="torch",
+        help="torch (default): a trace file; nsys: only cudaProfilerStart/Stop around the steps")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard scalars")
+    # fmt: on
+    a = p.parse_args(argv)
+    return RunConfig(
+        recipe=a.recipe, preset=a.preset, data=a.data, tokenizer=a.tokenizer, out=a.out, steps=a.steps,
+        tokens=None if a.tokens is None else int(a.tokens), overrides=a.overrides, seed=a.seed,
+        device=a.device, deterministic=a.deterministic, resume=a.resume, init=a.init,
+        overwrite=a.overwrite, ckpt_every=a.ckpt_every, keep=a.keep, window=a.window,
+        max_pixels=a.max_pixels, eval_samples=a.eval_samples, profile_steps=a.profile_steps,
+        profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard,
+    )  # fmt: skip
+
+
+def _report(summary: dict) -> str:
+    lines = [f"done in {summary['wall_s']:.0f} s: {summary['steps']} steps, {summary['tokens']:,} tokens"]
+    for s in summary["stages"]:
+        lines.append(
+            f"  {s['stage']:<7} {s['steps']:>5} steps  loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}"
+            f"  ({s['tok_per_s']:.0f} tok/s)"
+        )
+    if summary.get("eval"):
+        acc = "  ".join(f"{k} {v['correct']}/{v['total']}" for k, v in summary["eval"].items())
+        lines.append(f"  held-out answers correct: {acc}")
+    if summary["skipped"]:
+        lines.append(f"  skipped samples: {summary['skipped']}")
+    lines.append(f"  loss plot {summary['loss_plot']}; checkpoint {summary['checkpoint']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        summary = train(cfg)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(_report(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
