@@ -8,6 +8,7 @@ CUDA implementations; ``impl=`` / :func:`use_impl` / ``SEEDVL_IMPL`` choose betw
 
 from ._dispatch import ImplUnavailableError, implementations, ops, resolve, use_impl
 from .grouped_gemm import grouped_gemm
+from .moe_ep import EPDispatch, EPState, ep_combine, ep_dispatch, ep_moe_ffn
 from .moe_ffn import moe_ffn
 from .moe_permute import moe_permute, moe_unpermute
 from .pool_adapter import pool_adapter
@@ -19,9 +20,14 @@ from .varlen_attention import varlen_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "EPDispatch",
+    "EPState",
     "ImplUnavailableError",
     "RouteOutput",
     "ZigzagShard",
+    "ep_combine",
+    "ep_dispatch",
+    "ep_moe_ffn",
     "grouped_gemm",
     "implementations",
     "moe_ffn",
