@@ -20,17 +20,19 @@ Rows (test ids say which):
   N=D), pass ``fwd`` (a_e @ b[e]), ``dgrad`` (dC_e @ b[e]^T, M-grouped) or ``wgrad`` (a_e^T dC_e,
   K-grouped); 2*T*k*K*N FLOPs each.
 
-Implementations: ``triton`` and ``ref`` (the ops' own, through ``impl=``), and two peers doing the
+Implementations: ``triton``, ``cuda`` and ``ref`` (the ops' own, through ``impl=``; the layer's
+``cuda`` row is moe_permute -> CUTLASS grouped GEMM -> SwiGLU -> CUTLASS grouped GEMM ->
+moe_unpermute, since moe_ffn has no fused CUDA kernel), and two peers doing the
 same work in the same process: ``grouped_mm`` (torch._grouped_mm with the expert weights in the
 column-major layout torchtitan passes it, the gather/scatter as index_select) and ``loop`` (a
 per-expert torch.matmul loop, the cuBLAS baseline; it reads the group bounds on the host). The
 layer peers use the same deterministic slot-order combine as the op; their SwiGLU runs in the
-input dtype. The triton rows' notes give the padded-row fraction: rows computed in partial M-tiles,
+input dtype. The triton and cuda rows' notes give the padded-row fraction: rows computed in partial M-tiles,
 sum_e (cdiv(size_e, BLOCK_M) * BLOCK_M - size_e) / (T*k).
 
 Targets (issue 6, H100/H200): layer forward >= 2x grouped_mm and >= 450 TFLOP/s at hidden 4096
 balanced; fwd_bwd >= 400; zipf within 10% of balanced. A GPU pass over everything is 2 shapes x 2
-token counts x 4 routings x (2 layer + 6 GEMM passes) x 4 implementations; select with -k, e.g.
+token counts x 4 routings x (2 layer + 6 GEMM passes) x 5 implementations; select with -k, e.g.
 ``pytest bench/bench_moe.py -k "balanced and 16384"``. On a CPU: the tiny preset, zipf routing, the
 gate_up GEMM, reference and peers only (they prove the harness).
 """
@@ -48,13 +50,14 @@ from bench import harness
 from model.config import LLM_TINY, QWEN3_30B_A3B, QWEN3_235B_A22B
 from seedvl_kernels import grouped_gemm_triton as ggt
 from seedvl_kernels.grouped_gemm import grouped_gemm
-from seedvl_kernels.moe_ffn import moe_ffn
-from seedvl_kernels.moe_permute import moe_permute_index
+from seedvl_kernels.moe_ffn import moe_ffn, swiglu
+from seedvl_kernels.moe_permute import moe_permute, moe_permute_index, moe_unpermute
 
 ON_GPU = torch.cuda.is_available()
 PEERS = ("grouped_mm", "loop")
-IMPLS = ("triton", "ref", *PEERS)
+IMPLS = ("triton", "cuda", "ref", *PEERS)
 LAYER_PASSES = ("fwd", "fwd_bwd")
+CUTLASS_BLOCK_M = 128  # M tile of the CUTLASS kernels (csrc/grouped_gemm/kernel.cuh)
 GEMM_PASSES = ("fwd", "dgrad", "wgrad")
 if ON_GPU:
     PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}
@@ -155,9 +158,18 @@ def _layer_loop(c: SimpleNamespace) -> torch.Tensor:
     return _combine(torch.cat(parts), c)
 
 
+def _layer_cuda(c: SimpleNamespace) -> torch.Tensor:
+    """moe_ffn's composition with the CUTLASS grouped GEMMs (moe_ffn has no fused CUDA kernel)."""
+    x_perm, offsets, row_map = moe_permute(c.x, c.ids, c.E)
+    h = swiglu(grouped_gemm(x_perm, c.w_gate_up, offsets, impl="cuda"))
+    return moe_unpermute(grouped_gemm(h, c.w_down, offsets, impl="cuda"), row_map, c.gate)
+
+
 def _layer_callable(impl: str, c: SimpleNamespace, passes: str):
     if impl == "grouped_mm":
         forward, params = (lambda: _layer_grouped_mm(c)), (c.x, c.gate, c.w_gate_up_t, c.w_down_t)
+    elif impl == "cuda":
+        forward, params = (lambda: _layer_cuda(c)), (c.x, c.gate, c.w_gate_up, c.w_down)
     elif impl == "loop":
         forward, params = (lambda: _layer_loop(c)), (c.x, c.gate, c.w_gate_up, c.w_down)
     else:
@@ -246,9 +258,12 @@ def _preflight(impl: str, fn) -> None:
 
 
 def _notes(impl: str, offsets: torch.Tensor, n: int, k: int) -> str:
-    if impl != "triton":
+    if impl == "cuda":
+        block_m = CUTLASS_BLOCK_M
+    elif impl == "triton":
+        block_m = ggt.m_grouped_config(n, k, DTYPE, offsets.device).block_m
+    else:
         return ""
-    block_m = ggt.m_grouped_config(n, k, DTYPE, offsets.device).block_m
     return f"padded rows {100 * padded_fraction(offsets, block_m):.1f}% at BLOCK_M={block_m}"
 
 
@@ -259,8 +274,9 @@ def _notes(impl: str, offsets: torch.Tensor, n: int, k: int) -> str:
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_moe_layer(gpu_bench, bench_device, preset, T, routing, passes, impl):
-    if impl not in PEERS:
-        harness.skip_unless_runnable("moe_ffn", impl, bench_device, DTYPE)
+    if impl not in PEERS:  # the "cuda" layer is a composition around the CUTLASS grouped GEMMs
+        op = "grouped_gemm" if impl == "cuda" else "moe_ffn"
+        harness.skip_unless_runnable(op, impl, bench_device, DTYPE)
     c = _case(preset, T, routing, DTYPE, bench_device)
     peers = {name: _layer_callable(name, c, passes) for name in PEERS}
     fn = peers[impl] if impl in PEERS else _layer_callable(impl, c, passes)

@@ -30,14 +30,15 @@ are routed, the activations when many are.
 Host synchronisation: the reference loops over groups in Python, so it reads the group bounds with
 ``offsets.tolist()`` inside the custom op (the only sync on the MoE path, and invisible to
 torch.compile, which sees an opaque op). The Triton kernels (seedvl_kernels.grouped_gemm_triton,
-impl "triton") read offsets on the device and never sync.
+impl "triton") and the CUTLASS sm_90a kernels (seedvl_kernels.grouped_gemm_cuda, impl "cuda",
+bf16 on H100/H200, K and N multiples of 8) read offsets on the device and never sync.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backends, _dispatch, _validate, grouped_gemm_triton
+from . import _backends, _dispatch, _validate, grouped_gemm_cuda, grouped_gemm_triton
 
 OP = "grouped_gemm"
 DTYPES = (*_backends.FLOAT_DTYPES, torch.float64)
@@ -103,10 +104,36 @@ def _launch_ref_dw(
 
 
 # Every launcher writes all of ``out``: zeros for padding rows and for empty groups' dB slices.
-_LAUNCH = {"ref": _launch_ref, "triton": grouped_gemm_triton.launch_grouped_gemm}
-_LAUNCH_DW = {"ref": _launch_ref_dw, "triton": grouped_gemm_triton.launch_grouped_gemm_dw}
+_LAUNCH = {
+    "ref": _launch_ref,
+    "triton": grouped_gemm_triton.launch_grouped_gemm,
+    "cuda": grouped_gemm_cuda.launch_grouped_gemm,
+}
+_LAUNCH_DW = {
+    "ref": _launch_ref_dw,
+    "triton": grouped_gemm_triton.launch_grouped_gemm_dw,
+    "cuda": grouped_gemm_cuda.launch_grouped_gemm_dw,
+}
 _dispatch.register(OP, "ref", _backends.ref_support)
 _dispatch.register(OP, "triton", _backends.triton_support_for(_backends.FLOAT_DTYPES))
+_dispatch.register(OP, "cuda", grouped_gemm_cuda.support)
+
+
+def _resolve(impl: str | None, device: torch.device, dtype: torch.dtype, k: int, n: int) -> str:
+    """The dispatcher's choice, then the CUTLASS kernels' shape rule: an explicit impl="cuda" with
+    K or N not a multiple of 8 raises naming the argument; "auto" moves on to the next candidate."""
+    chosen = _dispatch.resolve(OP, impl, device, dtype)
+    if chosen != "cuda":
+        return chosen
+    reason = grouped_gemm_cuda.shape_reason(k, n)
+    if reason is None:
+        return chosen
+    if _dispatch.requested(OP, impl) != "auto":
+        raise ValueError(reason)
+    for fallback in ("triton", "ref"):
+        if _dispatch.unavailable_reason(OP, fallback, device, dtype) is None:
+            return fallback
+    raise _dispatch.ImplUnavailableError(f"{OP}: no implementation serves this call ({reason})")
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -222,7 +249,8 @@ def grouped_gemm(
         offsets: (E+1,) int32 on a's device, offsets[0] = 0, non-decreasing, offsets[-1] <= M
             (values checked for CPU tensors only; a GPU check would sync). Empty groups are legal.
         trans_b: multiply by b[e]^T (b stored (E, N, K), as in nn.Linear weights).
-        impl: "ref", "triton" (float32/float16/bfloat16) or "auto" (see seedvl_kernels._dispatch).
+        impl: "ref", "triton" (float32/float16/bfloat16), "cuda" (bfloat16 on sm_90, K and N
+            multiples of 8) or "auto" (see seedvl_kernels._dispatch).
 
     Returns:
         (M, N) in a's dtype, zero in padding rows; fp32 accumulation. Differentiable in a and b
@@ -243,5 +271,5 @@ def grouped_gemm(
     _validate.cu_seqlens("offsets", offsets, total=a.shape[0])
     _validate.dim_size("offsets", offsets, 0, b.shape[0] + 1, "E+1, one more than the groups of b")
     device = _validate.same_device({"a": a, "b": b, "offsets": offsets})
-    chosen = _dispatch.resolve(OP, impl, device, a.dtype)
+    chosen = _resolve(impl, device, a.dtype, a.shape[1], b.shape[1] if trans_b else b.shape[2])
     return _grouped_gemm_op(a, b, offsets, trans_b, chosen)

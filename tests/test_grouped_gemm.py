@@ -134,8 +134,9 @@ def test_torch_compile_fullgraph():
 
 
 def test_registered_implementations():
-    """The Triton kernels are tested in test_grouped_gemm_triton.py; there is no CUDA one yet."""
-    assert sk.implementations("grouped_gemm") == ["ref", "triton"]
+    """The Triton kernels are tested in test_grouped_gemm_triton.py, the CUTLASS ones (bf16, sm_90)
+    in test_grouped_gemm_cuda.py; on CPU tensors impl="cuda" raises with the reason."""
+    assert sk.implementations("grouped_gemm") == ["ref", "triton", "cuda"]
     a, b, offsets = _operands([1, 1], 4, 4, torch.float32, False)
     with pytest.raises(sk.ImplUnavailableError, match="grouped_gemm: impl='cuda'"):
         grouped_gemm(a, b, offsets, impl="cuda")

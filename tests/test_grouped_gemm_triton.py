@@ -184,7 +184,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_dispatch():
-    assert sk.implementations("grouped_gemm") == ["ref", "triton"]
+    assert sk.implementations("grouped_gemm") == ["ref", "triton", "cuda"]
     a, b, offsets = _operands([1, 1], 4, 4, torch.float64, False)
     with pytest.raises(sk.ImplUnavailableError, match=r"grouped_gemm: impl='triton'.*float64"):
         grouped_gemm(a, b, offsets, impl="triton")
