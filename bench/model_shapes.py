@@ -29,6 +29,10 @@ SEEDVIT_MAX_PATCHES_PER_SIDE = 128
 # hidden width equals the output width (the LLaVA-1.5 "mlp2x_gelu" projector's convention).
 LLM_HIDDEN_STANDINS = (2048, 4096)
 ADAPTER_TOKENS = (4096, 16384)  # ViT tokens entering the adapter (T/4 come out)
+# The extremes the adapter must also serve: a 64k-token pack (SEEDVIT_TOKENS' largest) and the
+# widest public MoE hidden size, DeepSeek-V3's 7168.
+ADAPTER_LARGE_PACK = 65536
+LLM_HIDDEN_WIDEST = 7168
 
 # Tiny shapes for CPU runs (harness proof only; the numbers mean nothing).
 TINY_VIT_TOKENS = 64

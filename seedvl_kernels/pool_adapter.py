@@ -28,7 +28,17 @@ written to memory; the price is that x (T * C elements) stays alive where p woul
 worth revisiting if the adapter's activation memory ever matters.
 
 Precision: fp32 accumulation and fp32 elementwise math; y, h and the gradients are rounded to the
-inputs' dtype once. The reference computes everything in fp32 (fp64 for fp64 input).
+inputs' dtype once. The reference computes everything in fp32 (fp64 for fp64 input). The kernels
+also round the GEMM operands they make (the pooled tile, a, dh) to the dtype before each tensor-core
+dot, as the unfused PyTorch adapter rounds its intermediates; their tests allow twice that
+adapter's low-precision error.
+
+Implementations: ``ref`` (this file), ``triton`` (seedvl_kernels/pool_adapter_triton.py) and ``cuda``
+(csrc/pool_adapter/, mma.sync tensor cores, float16/bfloat16). Both kernels pool while loading the
+first GEMM's operand (forward, and dw1 = p^T dh), fuse bias + GELU into GEMM-1's epilogue and
+GELU' into the epilogue of dh = dy w2^T, and write dx from one computed row per window. a = GELU(h)
+is written by an epilogue and read by the next GEMM in each direction (transient, never saved).
+Design and costs: profiles/pool_adapter.md.
 
 Cost (N = T/4): forward 2 * N * F * (C + C_out) FLOPs, backward twice that; the pooling and GELU
 are O(T * C + N * F). Minimum forward traffic: read x and the weights, write y and h:
@@ -41,10 +51,11 @@ import math
 
 import torch
 
-from . import _backends, _dispatch, _validate
+from . import _backends, _dispatch, _validate, pool_adapter_triton
 
 OP = "pool_adapter"
-DTYPES = _backends.FLOAT_DTYPES  # kernels (a later issue)
+DTYPES = _backends.FLOAT_DTYPES  # Triton kernels
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # CUDA kernels (tensor-core mma only)
 REF_DTYPES = (*DTYPES, torch.float64)
 WINDOW = 4  # tokens of one 2x2 window
 
@@ -135,9 +146,86 @@ def _launch_bwd_ref(
         out.copy_(value)
 
 
-_LAUNCH_FWD = {"ref": _launch_fwd_ref}
-_LAUNCH_BWD = {"ref": _launch_bwd_ref}
+_CUDA_TILE_M = 128  # csrc/pool_adapter kPoolAdapterTileM (the binding checks the scratch size)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy if its data is not 16-byte aligned (the CUDA kernels load 16 B)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _launch_fwd_cuda(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor,
+) -> None:
+    dl = _backends.dl
+    a = torch.empty_like(h)  # GELU(h), between the two GEMMs only
+    x, w1, b1, w2, b2 = (_aligned(t) for t in (x, w1, b1.contiguous(), w2, b2.contiguous()))
+    _backends.C.pool_adapter_fwd(
+        dl(x), dl(w1), dl(b1), dl(w2), dl(b2), dl(y), dl(h), dl(a), _backends.stream_of(x)
+    )
+
+
+def _launch_bwd_cuda(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    h: torch.Tensor,
+    grads: tuple[torch.Tensor, ...],
+) -> None:
+    dl = _backends.dl
+    dh, a = torch.empty_like(h), torch.empty_like(h)  # scratch of the backward GEMMs
+    tiles = -(-h.shape[0] // _CUDA_TILE_M)  # one row of partial bias-gradient sums per M-tile
+    partial = torch.empty(tiles * (h.shape[1] + dy.shape[1]), dtype=torch.float32, device=dy.device)
+    dy, x, w1, w2 = (_aligned(t) for t in (dy, x, w1, w2))
+    _backends.C.pool_adapter_bwd(
+        dl(dy),
+        dl(x),
+        dl(w1),
+        dl(w2),
+        dl(h),
+        *(dl(g) for g in grads),
+        dl(dh),
+        dl(a),
+        dl(partial),
+        _backends.stream_of(x),
+    )
+
+
+_LAUNCH_FWD = {"ref": _launch_fwd_ref, "triton": pool_adapter_triton.launch_fwd, "cuda": _launch_fwd_cuda}
+_LAUNCH_BWD = {"ref": _launch_bwd_ref, "triton": pool_adapter_triton.launch_bwd, "cuda": _launch_bwd_cuda}
 _dispatch.register(OP, "ref", _backends.ref_support)
+_dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES))
+_dispatch.register(OP, "cuda", _backends.cuda_support_for(OP, CUDA_DTYPES))
+
+
+def cuda_shape_reason(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str | None:
+    """None if the CUDA kernels take these shapes and strides, else why not: they move 16-byte
+    vectors, so C, F, C_out, x's row stride and each weight's leading stride must be multiples of 8."""
+    sizes = {"C": x.shape[1], "F": w1.shape[1], "C_out": w2.shape[1]}
+    bad = [f"{name}={v}" for name, v in sizes.items() if v % 8]
+    if bad:
+        return f"the CUDA kernel needs C, F and C_out to be multiples of 8, got {', '.join(bad)}"
+    strides = {"x": x.stride(0), "w1": max(w1.stride()), "w2": max(w2.stride())}
+    bad = [f"{name}={v}" for name, v in strides.items() if v % 8]
+    if bad:
+        return f"the CUDA kernel needs leading strides that are multiples of 8, got {', '.join(bad)}"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _fall_back_from_cuda(impl: str | None, device: torch.device, dtype: torch.dtype, reason: str) -> str:
+    """``auto`` moves on to Triton (or the reference) for shapes the CUDA kernel does not take; an
+    explicit ``cuda`` raises."""
+    if _dispatch.requested(OP, impl) != "auto":
+        raise _dispatch.ImplUnavailableError(f"{OP}: impl='cuda' cannot run this call: {reason}")
+    return "triton" if _dispatch.unavailable_reason(OP, "triton", device, dtype) is None else "ref"
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -238,8 +326,9 @@ def pool_adapter(
         b1: (F,) first bias.
         w2: (F, C_out) second layer, "in x out", row- or column-major.
         b2: (C_out,) second bias.
-        impl: "ref" or "auto" (see seedvl_kernels._dispatch; Triton/CUDA kernels come later).
-        All tensors share x's dtype and device.
+        impl: "ref", "triton" (float32/float16/bfloat16), "cuda" (float16/bfloat16; C, F, C_out
+            multiples of 8) or "auto" (see seedvl_kernels._dispatch; auto passes over CUDA for
+            shapes it does not take). All tensors share x's dtype and device.
 
     Returns:
         (T/4, C_out) tensor in x's dtype. Differentiable in x, w1, b1, w2 and b2.
@@ -269,5 +358,7 @@ def pool_adapter(
     _check_matrix_layout("w2", w2)
     device = _validate.same_device({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
     chosen = _dispatch.resolve(OP, impl, device, x.dtype)
+    if chosen == "cuda" and (reason := cuda_shape_reason(x, w1, w2)) is not None:
+        chosen = _fall_back_from_cuda(impl, device, x.dtype, reason)
     y, _ = _pool_adapter_fwd_op(x, w1, b1, w2, b2, chosen)
     return y
