@@ -6,8 +6,12 @@
 #   bash scripts/gpu_pass.sh                 # everything
 #   PYTEST_ARGS="-k rope" bash scripts/gpu_pass.sh
 #
-# Wheels missing on an offline machine (nvidia-cutlass, nvtx) may be carried in .whl/; they are
-# installed into /tmp/site first.
+# Wheels missing on an offline machine may be carried in .whl/ and are installed into /tmp/site
+# first. For the lent GPU machines (no registry access) prepare them where pip works:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl nvidia-cutlass nvtx
+# (the build only needs nvidia-cutlass's headers, so its own dependencies are not needed).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
