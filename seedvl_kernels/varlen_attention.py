@@ -22,8 +22,9 @@ Backward, for output gradient dO and a gradient dlse into the log-sum-exp:
     D_i = rowsum(dO_i * o_i) - dlse_i          (d lse_i / d S_ij = P_ij folds into D)
     dS = P * (dP - D)                dQ = s * dS K        dK = s * dS^T Q
 
-dK and dV of a KV head sum over the query heads that share it. With ``pos_hw``, dq and dk are
-the gradients of the rotated q and k rotated back (a rotation's adjoint is its inverse).
+dK and dV of a KV head sum over the query heads that share it. With ``pos_hw``, the backward
+takes the *rotated* q and k (the forward returns them) and gives dq and dk of the unrotated inputs:
+the gradients of the rotated tensors rotated back (a rotation's adjoint is its inverse).
 The backward takes ``out`` and ``lse`` as arguments instead of recomputing them: P comes from
 S and lse in one pass, and ring attention calls it with the *global* out and lse (merged over all
 key blocks) to get each key block's share of the gradient.
@@ -32,16 +33,19 @@ Shapes: q (T, Hq, D), k and v (Tk, Hkv, D), cu_seqlens (B+1,) int32, pos_hw (T, 
 out (T, Hq, D) in q's dtype, lse (Hq, T) fp32 (fp64 for fp64 inputs, so that fp64 tests of
 the ops built on this one keep full precision). Math in fp32 (fp64 for fp64).
 
-Saved for backward: q, k, v as given (unrotated: re-rotating is cheaper than storing copies, and
-is what the fused kernels do), out and lse (see above), cu_seqlens_q/k and pos_hw. Nothing of
-size L^2 is saved; the backward recomputes S.
+Saved for backward: q and k as the attention saw them (rotated when ``pos_hw`` is given: the
+forward op also returns the rotated q and k, so that the backward kernels never rotate on load and
+only rotate dq and dk back where they write them; this holds the rotated copies instead of the
+inputs, the same size), v, out and lse (see above), cu_seqlens_q/k and pos_hw. Nothing of size L^2
+is saved; the backward recomputes S.
 
 Cost, with N = sum_b Lq*Lk visible (query, key) pairs (N = sum_b Lq*Lk non-causal, about half
 of that causal): forward 4*N*Hq*D FLOPs (two matmuls), backward 10*N*Hq*D (S recomputed, then
 dV, dP, dQ, dK). A fused kernel moves (2*T*Hq + 2*Tk*Hkv)*D*itemsize + 4*Hq*T bytes forward and
 about twice that backward. The reference here is not that kernel: it materialises S and P of a
 whole sequence (Hq*Lq*Lk elements) and moves cu_seqlens to the host (``.tolist()``) to loop over
-sequences, a device sync that only the reference may do. Implementations: ``ref`` so far.
+sequences, a device sync that only the reference may do. Implementations: ``ref`` and
+``triton`` (:mod:`seedvl_kernels.varlen_attention_triton`: schedule, tiles, RoPE fusion, traffic).
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ from dataclasses import dataclass
 import torch
 
 from . import _backends, _dispatch, _validate
+from . import varlen_attention_triton as _triton
 from .rope_2d import rope_2d_ref
 
 OP = "varlen_attention"
-REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES = _backends.FLOAT_DTYPES  # kernels
+REF_DTYPES = (*DTYPES, torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,22 +143,20 @@ def varlen_attention_bwd_ref(
     """Pure-PyTorch backward (explicit; custom ops cannot use autograd inside): dq, dk, dv.
 
     ``out`` and ``lse`` may be global results of which this call's keys are one part (ring
-    attention); P is always exp(S - lse) with the lse given.
+    attention); P is always exp(S - lse) with the lse given. With ``pos_hw``, ``q`` and ``k`` are
+    the rotated ones (as the forward op returns them) and dq, dk are rotated back.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     c = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    qr, kr = q, k
-    if pos_hw is not None:
-        qr, kr = rope_2d_ref(q, pos_hw, rope_theta), rope_2d_ref(k, pos_hw, rope_theta)
     dq = torch.zeros(T, Hq, D, dtype=c, device=q.device)
     dk = torch.zeros(k.shape, dtype=c, device=k.device)
     dv = torch.zeros(v.shape, dtype=c, device=v.device)
     for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        qs = qr[q0:q1].to(c).unflatten(1, (Hkv, G))
-        ks, vs = kr[k0:k1].to(c), v[k0:k1].to(c)
+        qs = q[q0:q1].to(c).unflatten(1, (Hkv, G))
+        ks, vs = k[k0:k1].to(c), v[k0:k1].to(c)
         do = dout[q0:q1].to(c).unflatten(1, (Hkv, G))
         p = _probs(_scores(qs, ks, scale, causal), lse[:, q0:q1].to(c).unflatten(0, (Hkv, G)))
         delta = (do * out[q0:q1].to(c).unflatten(1, (Hkv, G))).sum(-1).permute(1, 2, 0)  # (Hkv, G, Lq)
@@ -195,10 +199,14 @@ class _Params:
         )
 
 
-def _launch_fwd_ref(q, k, v, p: _Params, out: torch.Tensor, lse: torch.Tensor) -> None:
+def _launch_fwd_ref(q, k, v, p: _Params, out, lse, q_rot, k_rot) -> None:
     result = varlen_attention_ref(q, k, v, *p.ref_args())
     out.copy_(result[0])
     lse.copy_(result[1])
+    if p.pos_hw is not None:
+        q_rot.copy_(rope_2d_ref(q, p.pos_hw, p.rope_theta))
+        q_rot[int(p.cu_seqlens_q[-1]) :].zero_()  # padding rows, as the kernels leave them
+        k_rot.copy_(rope_2d_ref(k, p.pos_hw, p.rope_theta))
 
 
 def _launch_bwd_ref(dout, dlse, q, k, v, out, lse, p: _Params, dq, dk, dv) -> None:
@@ -207,18 +215,22 @@ def _launch_bwd_ref(dout, dlse, q, k, v, out, lse, p: _Params, dq, dk, dv) -> No
         dst.copy_(src)
 
 
-_LAUNCH_FWD = {"ref": _launch_fwd_ref}
-_LAUNCH_BWD = {"ref": _launch_bwd_ref}
+_LAUNCH_FWD = {"ref": _launch_fwd_ref, "triton": _triton.launch_fwd}
+_LAUNCH_BWD = {"ref": _launch_bwd_ref, "triton": _triton.launch_bwd}
 _dispatch.register(OP, "ref", _backends.ref_support)
+_dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES))
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 
-def _empty_fwd(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _empty_fwd(q: torch.Tensor, k: torch.Tensor, rope: bool) -> tuple[torch.Tensor, ...]:
+    """out, lse and the rotated q and k (empty (0,) tensors without rope)."""
     T, Hq, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, torch.empty((Hq, T), dtype=_compute_dtype(q.dtype), device=q.device)
+    lse = torch.empty((Hq, T), dtype=_compute_dtype(q.dtype), device=q.device)
+    rot = [torch.empty(t.shape if rope else (0,), dtype=t.dtype, device=t.device) for t in (q, k)]
+    return out, lse, *rot
 
 
 def _empty_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -239,18 +251,21 @@ def _varlen_attention_fwd_op(
     pos_hw: torch.Tensor | None,
     rope_theta: float,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _empty_fwd(q)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (T, Hq, D), lse (Hq, T), and with pos_hw the rotated q and k that the attention used
+    (saved for the backward in place of q and k; padding rows of the rotated q are 0); without
+    pos_hw those two are empty (0,)."""
+    out, lse, q_rot, k_rot = _empty_fwd(q, k, pos_hw is not None)
     p = _Params(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, pos_hw, rope_theta
     )
-    _LAUNCH_FWD[impl](q, k, v, p, out, lse)
-    return out, lse
+    _LAUNCH_FWD[impl](q, k, v, p, out, lse, q_rot, k_rot)
+    return out, lse, q_rot, k_rot
 
 
 @_varlen_attention_fwd_op.register_fake
-def _(q, k, v, *params_and_impl):
-    return _empty_fwd(q)
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, *theta_and_impl):
+    return _empty_fwd(q, k, pos_hw is not None)
 
 
 @torch.library.custom_op("seedvl::varlen_attention_bwd", mutates_args=())
@@ -287,15 +302,21 @@ def _(dout, dlse, q, k, v, *saved_and_params):
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl = inputs
-    out, lse = output
+    out, lse, q_rot, k_rot = output
+    ctx.mark_non_differentiable(q_rot, k_rot)  # internal: the public function drops them
+    ctx.set_materialize_grads(False)  # so that no zero gradients are allocated for them
+    if pos_hw is not None:  # the backward works on the rotated q, k (see the module docstring)
+        q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, pos_hw)
     ctx.args = (max_q, max_k, causal, scale)
     ctx.theta, ctx.impl = theta, impl
 
 
-def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
-    # Autograd materialises a zero dlse when lse is unused; other callers (ring attention) may pass None.
+def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None, _dq_rot, _dk_rot):
+    # dlse is None when lse is unused (and so may be for other callers, e.g. ring attention).
     q, k, v, out, lse, cu_q, cu_k, pos_hw = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = _varlen_attention_bwd_op(
         _last_dim_contiguous(dout),
         None if dlse is None else _last_dim_contiguous(dlse),
@@ -390,7 +411,8 @@ def varlen_attention(
             Needs keys packed like queries (no cu_seqlens_k, Tk == T) and D a multiple of 4.
         rope_theta: RoPE base for pos_hw.
         return_lse: also return the log-sum-exp of the scaled scores.
-        impl: "ref" (the only implementation so far) or "auto" (see seedvl_kernels._dispatch).
+        impl: "ref", "triton" or "auto" (see seedvl_kernels._dispatch). The Triton kernels take
+            float32/float16/bfloat16, head dims up to 256 and softmax_scale >= 0.
 
     Returns:
         out (T, Hq, D) in q's dtype and, with return_lse, lse (Hq, T) float32 (float64 for
@@ -442,7 +464,7 @@ def varlen_attention(
             raise ValueError(f"pos_hw: rope_2d needs the head dim D to be a multiple of 4, got {D}")
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else _host_number("softmax_scale", softmax_scale)
     chosen = _dispatch.resolve(OP, impl, device, q.dtype)
-    out, lse = _varlen_attention_fwd_op(
+    out, lse, _, _ = _varlen_attention_fwd_op(
         q,
         k,
         v,

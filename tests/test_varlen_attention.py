@@ -196,7 +196,7 @@ def test_backward_takes_global_out_and_lse():
     scale = 0.25
     parts = [fwd(q, k[i], v[i], cu_q, cu_b, mq, mk, False, scale, None, 1e4, "ref") for i, cu_b in blocks]
     lse = torch.logaddexp(parts[0][1], parts[1][1])
-    out = sum(torch.exp(part_lse - lse).T[..., None] * o for o, part_lse in parts)
+    out = sum(torch.exp(part_lse - lse).T[..., None] * o for o, part_lse, *_ in parts)
     dout, dlse = torch.randn_like(q), torch.randn_like(lse)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i, cu_b in blocks:
@@ -220,7 +220,7 @@ def test_opcheck_fwd_and_bwd():
     pos = torch.randint(0, 9, (q.shape[0], 2), dtype=torch.int32)
     leaves = [t.clone().requires_grad_() for t in (q, kr, vr)]
     torch.library.opcheck(fwd, (*leaves, cu_q, cu_q, mq, mq, False, 0.3, pos, 1e4, "ref"))
-    out, lse = fwd(q, k, v, cu_q, cu_k, mq, mk, True, 0.3, None, 1e4, "ref")
+    out, lse, *_ = fwd(q, k, v, cu_q, cu_k, mq, mk, True, 0.3, None, 1e4, "ref")
     for dlse in (torch.randn_like(lse), None):
         args = (
             torch.randn_like(out),
@@ -241,11 +241,11 @@ def test_opcheck_fwd_and_bwd():
             "ref",
         )
         torch.library.opcheck(bwd, args)
-    out, lse = fwd(q, kr, vr, cu_q, cu_q, mq, mq, False, 0.3, pos, 1e4, "ref")
+    out, lse, qr, kr = fwd(q, kr, vr, cu_q, cu_q, mq, mq, False, 0.3, pos, 1e4, "ref")
     args = (
         torch.randn_like(out),
         torch.randn_like(lse),
-        q,
+        qr,
         kr,
         vr,
         out,
@@ -282,11 +282,11 @@ def test_torch_compile_fullgraph():
         assert_close(a, e, f"compiled {label}", **tol(torch.float32))
 
 
-def test_dispatch_has_only_ref():
-    assert sk.implementations("varlen_attention") == ["ref"]
+def test_dispatch_has_ref_and_triton():
+    assert sk.implementations("varlen_attention") == ["ref", "triton"]
     q, k, v, cu, _, mq, _ = _inputs([3], d=8)
-    with pytest.raises(sk.ImplUnavailableError, match="no 'triton' implementation"):
-        sk_va(q, k, v, cu, mq, impl="triton")
+    with pytest.raises(sk.ImplUnavailableError, match="Triton kernel handles"):
+        sk_va(q.double(), k.double(), v.double(), cu, mq, impl="triton")
     with sk.use_impl(varlen_attention="ref"):
         assert sk_va(q, k, v, cu, mq).shape == q.shape
 

@@ -1,0 +1,237 @@
+"""Backward kernels of varlen_attention's Triton implementation (design: varlen_attention_triton.py).
+
+Deterministic (no atomics): a preprocess kernel (delta = rowsum(dO * O) - dlse, lse in log2 units),
+one program per (key tile, KV head) for dK and dV summed over the query heads of its GQA group, and
+one program per (query tile, head) for dQ. With RoPE, q and k are the rotated tensors the forward
+saved, and dQ, dK are rotated back in registers before they are stored.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .varlen_attention_triton_common import (
+    TUNE_KEY,
+    _dims,
+    _load,
+    _padding_range,
+    _rope_cos_sin,
+    _rotate,
+    _tile,
+    _zero_rows,
+    configs,
+)
+from .varlen_attention_triton_fwd import _visible_keys
+
+
+@triton.jit
+def _varlen_attention_bwd_preprocess_kernel(
+    out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, total_q,
+    stride_o_t, stride_o_h, stride_do_t, stride_do_h, stride_lse_h, stride_dlse_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DLSE: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    r_mask = rows < total_q
+    d = tl.arange(0, BLOCK_D)
+    mask = r_mask[:, None] & (d < HEAD_DIM)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    o = tl.load(out_ptr + rows64 * stride_o_t + head * stride_o_h + d[None, :], mask=mask, other=0.0)
+    do = tl.load(dout_ptr + rows64 * stride_do_t + head * stride_do_h + d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + head * stride_dlse_h + rows, mask=r_mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + head * stride_lse_h + rows, mask=r_mask, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(delta_ptr + head * total_q + rows, delta, mask=r_mask)
+    tl.store(lse2_ptr + head * total_q + rows, lse2, mask=r_mask)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
+    lo, hi, lq, shift, qk_scale,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one key tile from query blocks [lo, hi) of one head (MASKED: causal diagonal).
+
+    Query rows past lq load as zeros with lse2 = +inf, so their P is exactly 0. Key rows past Lk
+    (the tile's tail) may get non-finite values, which stay in their own rows and are never stored.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < lq
+        rows_m = offs_m.to(tl.int64)[:, None]
+        q = _load(q_base + rows_m * stride_q_t + d[None, :], m_valid, dmask, True, EVEN_D)
+        do = _load(do_base + rows_m * stride_do_t + d[None, :], m_valid, dmask, True, EVEN_D)
+        lse2 = tl.load(lse2_base + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=configs("dkdv"), key=TUNE_KEY)
+@triton.jit
+def _varlen_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr,
+    pos_ptr, inv_freq_ptr,
+    num_seqs, num_table, total_q, total_k, num_kv_heads, group, qk_scale, sm_scale,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
+    stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h, stride_pos_t, stride_pos_c,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_work = num_table * num_kv_heads
+    if pid >= num_work:  # padding key rows: zero gradients
+        lo, hi = _padding_range(cu_k_ptr, num_seqs, total_k, pid - num_work, PAD)
+        _zero_rows(dk_ptr, stride_dk_t, stride_dk_h, lo, hi, num_kv_heads, HEAD_DIM, BLOCK_D, BLOCK_N)
+        _zero_rows(dv_ptr, stride_dv_t, stride_dv_h, lo, hi, num_kv_heads, HEAD_DIM, BLOCK_D, BLOCK_N)
+        return
+    i = tl.load(table_ptr + pid // num_kv_heads)
+    if i >= num_seqs:
+        return
+    tile0, ntiles, k0, lk, q0, lq = _tile(rec_ptr, i, num_seqs)
+    local = pid - tile0 * num_kv_heads
+    kv_head = local // ntiles
+    start_n = (local - kv_head * ntiles) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < lk
+    rows_k = (k0 + offs_n).to(tl.int64)[:, None]
+    d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
+    k = _load(k_ptr + rows_k * stride_k_t + kv_head * stride_k_h + d[None, :], n_valid, dmask, True, EVEN_D)
+    v = _load(v_ptr + rows_k * stride_v_t + kv_head * stride_v_h + d[None, :], n_valid, dmask, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    shift = lk - lq
+    if CAUSAL:  # query i sees key j iff j <= i + shift: rows below m_full see part of the tile
+        m_lo = tl.maximum(start_n - shift, 0)
+        m_full = tl.minimum(lq, tl.maximum(m_lo, start_n + BLOCK_N - 1 - shift))
+        m_mid = m_lo + tl.cdiv(m_full - m_lo, BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        m_mid = 0
+    q_base = q_ptr + q0.to(tl.int64) * stride_q_t
+    do_base = dout_ptr + q0.to(tl.int64) * stride_do_t
+    for g in range(group):
+        head = kv_head * group + g
+        qh, doh = q_base + head * stride_q_h, do_base + head * stride_do_h
+        lse2_base, delta_base = lse2_ptr + head * total_q + q0, delta_ptr + head * total_q + q0
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
+            m_lo, m_mid, lq, shift, qk_scale, True, EVEN_D, BLOCK_M, DOT_PREC,
+        )  # fmt: skip
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
+            m_mid, lq, lq, shift, qk_scale, False, EVEN_D, BLOCK_M, DOT_PREC,
+        )  # fmt: skip
+    dk *= sm_scale
+    if ROPE:  # dk of the unrotated k: the inverse rotation, sin/cos of this tile's rows computed once
+        cos, sin = _rope_cos_sin(
+            pos_ptr, k0 + offs_n, n_valid, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2,
+            BLOCK_D // 2,
+        )  # fmt: skip
+        dk = _rotate(dk, cos, -sin, BLOCK_N, BLOCK_D // 2)
+    mask = n_valid[:, None] & dmask[None, :]
+    tl.store(
+        dk_ptr + rows_k * stride_dk_t + kv_head * stride_dk_h + d[None, :],
+        dk.to(dk_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        dv_ptr + rows_k * stride_dv_t + kv_head * stride_dv_h + d[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, lo, hi, shift,
+    qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query tile from key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)[:, None]
+        k = _load(k_base + rows_n * stride_k_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
+        v = _load(v_base + rows_n * stride_v_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if MASKED:
+            visible = (offs_n < hi)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(configs=configs("dq"), key=TUNE_KEY)
+@triton.jit
+def _varlen_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dq_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr,
+    inv_freq_ptr,
+    num_seqs, num_table, total_q, num_heads, group, qk_scale, sm_scale,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
+    stride_dq_t, stride_dq_h, stride_pos_t, stride_pos_c,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_work = num_table * num_heads
+    if pid >= num_work:  # padding query rows: zero gradients
+        lo, hi = _padding_range(cu_q_ptr, num_seqs, total_q, pid - num_work, PAD)
+        _zero_rows(dq_ptr, stride_dq_t, stride_dq_h, lo, hi, num_heads, HEAD_DIM, BLOCK_D, BLOCK_M)
+        return
+    i = tl.load(table_ptr + pid // num_heads)
+    if i >= num_seqs:
+        return
+    tile0, ntiles, q0, lq, k0, lk = _tile(rec_ptr, i, num_seqs)
+    local = pid - tile0 * num_heads
+    head = local // ntiles
+    start_m = (local - head * ntiles) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < lq
+    rows_q = (q0 + offs_m).to(tl.int64)[:, None]
+    d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
+    q = _load(q_ptr + rows_q * stride_q_t + head * stride_q_h + d[None, :], m_valid, dmask, True, EVEN_D)
+    do = _load(
+        dout_ptr + rows_q * stride_do_t + head * stride_do_h + d[None, :], m_valid, dmask, True, EVEN_D
+    )
+    lse2 = tl.load(lse2_ptr + head * total_q + q0 + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(delta_ptr + head * total_q + q0 + offs_m, mask=m_valid, other=0.0)
+    kv_head = head // group
+    k_base = k_ptr + k0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
+    v_base = v_ptr + k0.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+    n_full, n_end = _visible_keys(start_m, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, 0, n_full,
+        lk - lq, qk_scale, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, n_full, n_end,
+        lk - lq, qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq *= sm_scale
+    if ROPE:
+        cos, sin = _rope_cos_sin(
+            pos_ptr, q0 + offs_m, m_valid, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2,
+            BLOCK_D // 2,
+        )  # fmt: skip
+        dq = _rotate(dq, cos, -sin, BLOCK_M, BLOCK_D // 2)
+    dq_ptrs = dq_ptr + rows_q * stride_dq_t + head * stride_dq_h + d[None, :]
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])

@@ -1,0 +1,253 @@
+"""Shared pieces of the varlen_attention Triton kernels: autotune configs, the device-built schedule
+(see the design notes in :mod:`seedvl_kernels.varlen_attention_triton`) and device helpers for tiles,
+padding and 2D RoPE."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _backends
+
+# (num_warps, num_stages) tried by the autotuner per kernel. Offline compiles for sm_90 (bf16, head
+# dim 64: profiles/varlen_attention_compile.py) show dK/dV spilling with 4 warps, so it gets 8 only.
+_PAIRS = {
+    "fwd": [(4, 2), (4, 3), (8, 2), (8, 3)],
+    "dkdv": [(8, 2), (8, 3)],
+    "dq": [(4, 2), (8, 2), (8, 3)],
+}
+
+
+def configs(kernel: str) -> list[triton.Config]:
+    """A handful of configs for ``kernel``; the interpreter gets exactly one (no tuning runs)."""
+    if _backends.triton_interpret():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in _PAIRS[kernel]]
+
+
+TUNE_KEY = ["HEAD_DIM", "CAUSAL", "ROPE", "BLOCK_M", "BLOCK_N", "DOT_PREC"]
+
+
+# ----------------------------------------------------------------------------- schedule kernel
+
+
+@triton.jit
+def _build_schedule(
+    cu_ptr,
+    cu_other_ptr,
+    rec_ptr,
+    table_ptr,
+    num_seqs,
+    block,
+    num_table,
+    BLOCK_SEQ: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    # Records (struct of arrays, field f of sorted sequence i at rec_ptr + f * num_seqs + i):
+    # 0 first tile, 1 tile count, 2 row start, 3 rows, 4 other-side start, 5 other-side rows, 6 end tile.
+    r = tl.arange(0, BLOCK_SEQ)
+    is_seq = r < num_seqs
+    o_start = tl.load(cu_other_ptr + r, mask=is_seq, other=0)
+    o_len = tl.load(cu_other_ptr + r + 1, mask=is_seq, other=0) - o_start
+    # Sort by work per tile (other-side length), descending; ties keep sequence order (stable).
+    key = tl.where(is_seq, (o_len.to(tl.int64) << 32) | (0x7FFFFFFF - r).to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    order = tl.where(is_seq, 0x7FFFFFFF - (key - ((key >> 32) << 32)).to(tl.int32), 0)
+    start = tl.load(cu_ptr + order, mask=is_seq, other=0)
+    length = tl.load(cu_ptr + order + 1, mask=is_seq, other=0) - start
+    o_start = tl.load(cu_other_ptr + order, mask=is_seq, other=0)
+    o_len = tl.load(cu_other_ptr + order + 1, mask=is_seq, other=0) - o_start
+    ntiles = (length + block - 1) // block
+    ends = tl.cumsum(ntiles, 0)
+    tl.store(rec_ptr + r, ends - ntiles, mask=is_seq)
+    tl.store(rec_ptr + num_seqs + r, ntiles, mask=is_seq)
+    tl.store(rec_ptr + 2 * num_seqs + r, start, mask=is_seq)
+    tl.store(rec_ptr + 3 * num_seqs + r, length, mask=is_seq)
+    tl.store(rec_ptr + 4 * num_seqs + r, o_start, mask=is_seq)
+    tl.store(rec_ptr + 5 * num_seqs + r, o_len, mask=is_seq)
+    tl.store(rec_ptr + 6 * num_seqs + r, ends, mask=is_seq)
+    tl.debug_barrier()  # the end tiles just written are read back by other threads of this program
+    # table[t] = the first sorted sequence whose end tile is > t (num_seqs: no tile t).
+    for c in range(0, num_table, CHUNK):
+        t = c + tl.arange(0, CHUNK)
+        lo = tl.zeros([CHUNK], dtype=tl.int32)
+        hi = lo + num_seqs
+        for _ in tl.static_range(SEARCH_STEPS):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            go_right = tl.load(rec_ptr + 6 * num_seqs + mid, mask=active, other=0) <= t
+            lo = tl.where(active & go_right, mid + 1, lo)
+            hi = tl.where(active & ~go_right, mid, hi)
+        tl.store(table_ptr + t, lo, mask=t < num_table)
+
+
+@triton.jit
+def _varlen_attention_schedule_kernel(
+    cu_a_ptr,
+    cu_other_a_ptr,
+    rec_a_ptr,
+    table_a_ptr,
+    block_a,
+    num_table_a,
+    cu_b_ptr,
+    cu_other_b_ptr,
+    rec_b_ptr,
+    table_b_ptr,
+    block_b,
+    num_table_b,
+    num_seqs,
+    BLOCK_SEQ: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+):
+    # Program 0 builds schedule a, program 1 (if launched) schedule b: the backward's two in one launch.
+    if tl.program_id(0) == 0:
+        _build_schedule(
+            cu_a_ptr, cu_other_a_ptr, rec_a_ptr, table_a_ptr, num_seqs, block_a, num_table_a,
+            BLOCK_SEQ, CHUNK, SEARCH_STEPS,
+        )  # fmt: skip
+    else:
+        _build_schedule(
+            cu_b_ptr, cu_other_b_ptr, rec_b_ptr, table_b_ptr, num_seqs, block_b, num_table_b,
+            BLOCK_SEQ, CHUNK, SEARCH_STEPS,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- shared device helpers
+
+
+@triton.jit
+def _dims(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr):
+    """Head-dim index and mask of each tile column ("halves" order with RoPE, see module doc)."""
+    c = tl.arange(0, BLOCK_D)
+    # When BLOCK_D == HEAD_DIM the halves order is the natural one: keep d a plain arange, so that the
+    # compiler sees contiguous columns and issues vector loads.
+    if ROPE and BLOCK_D != HEAD_DIM:
+        d = tl.where(c < BLOCK_D // 2, c, c - BLOCK_D // 2 + HEAD_DIM // 2)
+        dmask = (c % (BLOCK_D // 2)) < HEAD_DIM // 2
+    else:
+        d = c
+        dmask = c < HEAD_DIM
+    return d, dmask
+
+
+@triton.jit
+def _partner_dims(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head-dim index of each column's rotation partner (column c pairs with c +- BLOCK_D / 2)."""
+    c = (tl.arange(0, BLOCK_D) + BLOCK_D // 2) % BLOCK_D
+    if BLOCK_D != HEAD_DIM:
+        c = tl.where(c < BLOCK_D // 2, c, c - BLOCK_D // 2 + HEAD_DIM // 2)
+    return c
+
+
+@triton.jit
+def _load(ptrs, row_mask, dmask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile, masked only where it can run out of bounds (zeros there)."""
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & dmask[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _rope_cos_sin(pos_ptr, rows, row_mask, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM: tl.constexpr,
+                  BH: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+    """cos and sin (rows, WIDTH) fp32 of the angles of ``rows`` (see rope_2d), column c holding angle
+    c % BH (WIDTH = BH: one half; 2 * BH: a whole tile in halves order). Computed once per program."""
+    rows64 = rows.to(tl.int64)
+    pr = tl.load(pos_ptr + rows64 * stride_pos_t, mask=row_mask, other=0).to(tl.float32)
+    pc = tl.load(pos_ptr + rows64 * stride_pos_t + stride_pos_c, mask=row_mask, other=0).to(tl.float32)
+    i = tl.arange(0, WIDTH) % BH
+    is_row = i < HEAD_DIM // 4
+    f = tl.load(inv_freq_ptr + tl.where(is_row, i, i - HEAD_DIM // 4), mask=i < HEAD_DIM // 2, other=0.0)
+    angle = tl.where(is_row[None, :], pr[:, None], pc[:, None]) * f[None, :]
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _rotate_on_load(row_ptrs, d, dmask, row_mask, pos_ptr, rows, stride_pos_t, stride_pos_c, inv_freq_ptr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """rope_2d of a (rows, BLOCK_D) tile (halves order) loaded from memory, each column's rotation
+    partner loaded a second time (from cache) rather than swapped in registers: elementwise math in
+    the loaded layout, so the tile goes to the tensor cores without a layout conversion."""
+    cos, sin = _rope_cos_sin(
+        pos_ptr, rows, row_mask, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2, BLOCK_D
+    )
+    first = (tl.arange(0, BLOCK_D) < BLOCK_D // 2)[None, :]
+    mask = row_mask[:, None] & dmask[None, :]
+    x = tl.load(row_ptrs + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(row_ptrs + _partner_dims(HEAD_DIM, BLOCK_D)[None, :], mask=mask, other=0.0)
+    return x * cos + partner.to(tl.float32) * tl.where(first, -sin, sin)
+
+
+@triton.jit
+def _rotate(x, cos, sin, ROWS: tl.constexpr, BH: tl.constexpr):
+    """rope_2d of a (ROWS, 2*BH) fp32 tile in halves order: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (ROWS, 2, BH)), (0, 2, 1)))
+    y = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+    return tl.reshape(tl.permute(y, (0, 2, 1)), (ROWS, 2 * BH))
+
+
+@triton.jit
+def _zero_rows(
+    ptr,
+    stride_t,
+    stride_h,
+    lo,
+    hi,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Write zeros into rows [lo, hi) of every head of a (T, H, HEAD_DIM) tensor."""
+    d = tl.arange(0, BLOCK_D)
+    zeros = tl.zeros([BLOCK_R, BLOCK_D], dtype=ptr.dtype.element_ty)
+    for r0 in range(lo, hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < hi)[:, None] & (d < HEAD_DIM)[None, :]
+        base = ptr + rows.to(tl.int64)[:, None] * stride_t + d[None, :]
+        for h in range(num_heads):
+            tl.store(base + h * stride_h, zeros, mask=mask)
+
+
+@triton.jit
+def _padding_range(cu_ptr, num_seqs, total, p, PAD: tl.constexpr):
+    """Rows of padding program p: [p * PAD, (p + 1) * PAD) within [cu[num_seqs], total)."""
+    lo = tl.maximum(p * PAD, tl.load(cu_ptr + num_seqs))
+    hi = tl.minimum((p + 1) * PAD, total)
+    return lo, hi
+
+
+@triton.jit
+def _tile(rec_ptr, i, num_seqs):
+    """(first tile, tile count, row start, rows, other-side start, other-side rows) of record i."""
+    return (
+        tl.load(rec_ptr + i),
+        tl.load(rec_ptr + num_seqs + i),
+        tl.load(rec_ptr + 2 * num_seqs + i),
+        tl.load(rec_ptr + 3 * num_seqs + i),
+        tl.load(rec_ptr + 4 * num_seqs + i),
+        tl.load(rec_ptr + 5 * num_seqs + i),
+    )
+
+
+@triton.jit
+def _fill_lse(lse_ptr, stride_lse_h, lo, hi, num_heads, BLOCK_R: tl.constexpr):
+    """Write -inf into columns [lo, hi) of every head of an (H, T) lse."""
+    for r0 in range(lo, hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        for h in range(num_heads):
+            tl.store(
+                lse_ptr + h * stride_lse_h + rows,
+                tl.full([BLOCK_R], float("-inf"), tl.float32),
+                mask=rows < hi,
+            )

@@ -1,0 +1,141 @@
+"""Forward kernel of varlen_attention's Triton implementation (design: varlen_attention_triton.py).
+
+One program per (query tile, head) from the device-built schedule: FlashAttention-2 online softmax
+in exp2, RoPE applied to q as it is loaded (and the rotated q written out for the backward).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .varlen_attention_triton_common import (
+    TUNE_KEY,
+    _dims,
+    _fill_lse,
+    _load,
+    _padding_range,
+    _rotate_on_load,
+    _tile,
+    _zero_rows,
+    configs,
+)
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, lo, hi, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over key blocks [lo, hi) (hi is the last visible key + 1 of the tile)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows_n = offs_n.to(tl.int64)[:, None]
+        k = _load(k_base + rows_n * stride_k_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
+        v = _load(v_base + rows_n * stride_v_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if MASKED:
+            visible = (offs_n < hi)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0 (checked by the launcher)
+            m_use = m_new
+            p = tl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _visible_keys(start_m, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_full, n_end) of a query tile: keys [0, n_full) are seen by all its rows (no mask), keys
+    [n_full, n_end) by some (masked); causal masks are bottom-right aligned (shift = lk - lq)."""
+    if CAUSAL:
+        n_end = tl.minimum(lk, tl.minimum(start_m + BLOCK_M, lq) + lk - lq)
+        n_full = tl.maximum(tl.minimum(lk, start_m + lk - lq + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        n_end = lk
+        n_full = lk // BLOCK_N * BLOCK_N
+    return n_full, n_end
+
+
+@triton.autotune(configs=configs("fwd"), key=TUNE_KEY)
+@triton.jit
+def _varlen_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_rot_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr, inv_freq_ptr,
+    num_seqs, num_table, total_q, num_heads, group, qk_scale,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_o_t, stride_o_h,
+    stride_lse_h, stride_qr_t, stride_qr_h, stride_pos_t, stride_pos_c,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
+    DOT_PREC: tl.constexpr, ROPE_ROWS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    num_work = num_table * num_heads
+    if pid >= num_work:  # padding rows: out 0, lse -inf (and rotated q 0: the backward never reads it)
+        lo, hi = _padding_range(cu_q_ptr, num_seqs, total_q, pid - num_work, PAD)
+        _zero_rows(out_ptr, stride_o_t, stride_o_h, lo, hi, num_heads, HEAD_DIM, BLOCK_D, BLOCK_M)
+        _fill_lse(lse_ptr, stride_lse_h, lo, hi, num_heads, BLOCK_M)
+        if ROPE:
+            _zero_rows(q_rot_ptr, stride_qr_t, stride_qr_h, lo, hi, num_heads, HEAD_DIM, BLOCK_D, BLOCK_M)
+        return
+    i = tl.load(table_ptr + pid // num_heads)
+    if i >= num_seqs:
+        return
+    tile0, ntiles, q0, lq, k0, lk = _tile(rec_ptr, i, num_seqs)
+    local = pid - tile0 * num_heads
+    head = local // ntiles
+    start_m = (local - head * ntiles) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < lq
+    rows_q = (q0 + offs_m).to(tl.int64)[:, None]
+    d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
+    if ROPE:
+        # Rotate ROPE_ROWS rows at a time into q_rot (few live registers: the rotation must not cost the
+        # main loop its occupancy), then load the tile back like an unrotated q (L2-hot, once per program).
+        for c in tl.static_range(BLOCK_M // ROPE_ROWS):
+            offs_r = start_m + c * ROPE_ROWS + tl.arange(0, ROPE_ROWS)
+            r_valid = offs_r < lq
+            rows_r = (q0 + offs_r).to(tl.int64)[:, None]
+            q_r = _rotate_on_load(
+                q_ptr + rows_r * stride_q_t + head * stride_q_h, d, dmask, r_valid, pos_ptr, q0 + offs_r,
+                stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D,
+            )  # fmt: skip
+            qr_ptrs = q_rot_ptr + rows_r * stride_qr_t + head * stride_qr_h + d[None, :]
+            tl.store(qr_ptrs, q_r.to(q_rot_ptr.dtype.element_ty), mask=r_valid[:, None] & dmask[None, :])
+        tl.debug_barrier()  # this program's rotated rows, written by other threads, are read back below
+        q = _load(
+            q_rot_ptr + rows_q * stride_qr_t + head * stride_qr_h + d[None, :], m_valid, dmask, True, EVEN_D
+        )
+    else:
+        q = _load(q_ptr + rows_q * stride_q_t + head * stride_q_h + d[None, :], m_valid, dmask, True, EVEN_D)
+    kv_head = head // group
+    k_base = k_ptr + k0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
+    v_base = v_ptr + k0.to(tl.int64) * stride_v_t + kv_head * stride_v_h
+    n_full, n_end = _visible_keys(start_m, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, 0, n_full, lk - lq,
+        qk_scale, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, n_full, n_end, lk - lq,
+        qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptrs = out_ptr + rows_q * stride_o_t + head * stride_o_h + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
+    tl.store(lse_ptr + head * stride_lse_h + q0 + offs_m, lse, mask=m_valid)

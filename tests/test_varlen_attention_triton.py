@@ -1,0 +1,352 @@
+"""varlen_attention, Triton implementation (seedvl_kernels/varlen_attention_triton.py) against the
+reference: forward, lse, backward with a gradient into lse, fused 2D RoPE, padding, empty and
+one-token sequences, one long sequence among many tiny ones, GQA, bottom-right causal with unequal
+lengths, the backward with global out/lse (ring attention), the device-built schedule,
+determinism, opcheck and torch.compile.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), in fp32 and fp16 with small
+shapes and 16-row tiles (several blocks and partial blocks per sequence); bf16 and real sizes are
+the `gpu` tests at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from tests.utils import assert_close, assert_matches_ref_error, tol
+
+va = importlib.import_module("seedvl_kernels.varlen_attention")  # the module, not the function
+
+vat = importlib.import_module("seedvl_kernels.varlen_attention_triton")
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+NEG_INF = float("-inf")
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    offsets = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
+    return torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+
+
+def _case(lens_q, lens_k=None, hq=2, hkv=1, d=32, pad_q=0, pad_k=0, rope=False, dtype=torch.float32):
+    """Packed inputs (padding rows included) and the call's keyword arguments."""
+    shared = lens_k is None
+    lens_k_ = lens_q if shared else lens_k
+    q = torch.randn(sum(lens_q) + pad_q, hq, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(sum(lens_k_) + (pad_q if shared else pad_k), hkv, d, dtype=dtype, device=DEVICE)
+    v = torch.randn_like(k)
+    kw = {"cu_seqlens": _cu(lens_q), "max_seqlen": max(lens_q, default=0)}
+    if not shared:
+        kw.update(cu_seqlens_k=_cu(lens_k_), max_seqlen_k=max(lens_k_, default=0))
+    if rope:
+        kw["pos_hw"] = torch.randint(0, 40, (q.shape[0], 2), dtype=torch.int32, device=DEVICE)
+    return q, k, v, kw
+
+
+def _run(q, k, v, kw, impl, g_out, g_lse):
+    """(out, lse, dq, dk, dv) of the public op for output gradients g_out, g_lse."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = va.varlen_attention(*leaves, **kw, impl=impl, return_lse=True)
+    grads = torch.autograd.grad([out, lse], leaves, [g_out.to(out.dtype), g_lse.to(lse.dtype)])
+    return out.detach(), lse.detach(), *grads
+
+
+def _compare(q, k, v, kw, scale_tol=4.0, name=""):
+    """Triton (in q's dtype) against the reference in float64 on the same values."""
+    g_out = torch.randn(q.shape, dtype=torch.float64, device=q.device)
+    g_lse = torch.randn(q.shape[1], q.shape[0], dtype=torch.float64, device=q.device)  # also on -inf rows
+    got = _run(q, k, v, kw, "triton", g_out, g_lse)
+    ref = _run(q.double(), k.double(), v.double(), kw, "ref", g_out, g_lse)
+    assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
+    for label, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, ref, strict=True):
+        assert not a.isnan().any(), f"{name} {label}: NaN"
+        assert_close(a, e, f"{name} {label} {q.dtype}", **tol(q.dtype, scale_tol))
+    return got
+
+
+CASES = {
+    "noncausal": dict(lens_q=[5, 17, 40]),
+    "causal": dict(lens_q=[5, 17, 40], causal=True),
+    "causal_lq_ne_lk": dict(lens_q=[6, 9, 3, 20, 4], lens_k=[4, 12, 3, 35, 0], causal=True),
+    "noncausal_lq_ne_lk": dict(lens_q=[6, 19, 2], lens_k=[21, 12, 0]),
+    "gqa": dict(lens_q=[7, 33], hq=6, hkv=2, causal=True),
+    "mqa_scale": dict(lens_q=[9, 20], hq=4, hkv=1, scale=0.3),
+    "empty_first_middle_last": dict(lens_q=[0, 7, 0, 18, 0], causal=True),
+    "padding": dict(lens_q=[6, 19], lens_k=[21, 8], pad_q=5, pad_k=3, causal=True),
+    "long_among_tiny": dict(lens_q=[1] * 6 + [70] + [1, 2] * 2 + [0], causal=True, hq=2, hkv=1),
+    "d72_gqa": dict(lens_q=[13, 20], hq=4, hkv=2, d=72),
+    "d80_causal": dict(lens_q=[10, 23], d=80, causal=True, hq=2, hkv=2),
+    "d8": dict(lens_q=[3, 18], d=8),
+    "rope": dict(lens_q=[7, 0, 33], hq=4, hkv=2, rope=True, pad_q=5),
+    "rope_causal_d40": dict(lens_q=[7, 26], d=40, rope=True, pad_q=3, causal=True),
+}
+
+
+def _split(case: dict) -> tuple[dict, dict]:
+    kw = dict(case)
+    call = {"causal": kw.pop("causal", False), "softmax_scale": kw.pop("scale", None)}
+    return kw, call
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_fp32(case):
+    inputs, call = _split(CASES[case])
+    q, k, v, kw = _case(**inputs)
+    out, lse, dq, dk, dv = _compare(q, k, v, {**kw, **call}, name=case)
+    end_q = int(kw["cu_seqlens"][-1])
+    assert not out[end_q:].any() and torch.isneginf(lse[:, end_q:]).all() and not dq[end_q:].any()
+    end_k = int(kw.get("cu_seqlens_k", kw["cu_seqlens"])[-1])
+    assert not dk[end_k:].any() and not dv[end_k:].any()
+
+
+@pytest.mark.parametrize("case", ["rope", "gqa"])
+def test_matches_reference_fp16(case):
+    inputs, call = _split(CASES[case])
+    q, k, v, kw = _case(**inputs, dtype=torch.float16)
+    _compare(q, k, v, {**kw, **call}, scale_tol=8.0, name=case)
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [vat.Tiles(32, 16, 16, 32, 16, 32), vat.Tiles(16, 32, 32, 16, 32, 16)],
+    ids=["wide_m", "wide_n"],
+)
+def test_unequal_tiles(monkeypatch, tiles):
+    """Tiles with BLOCK_M != BLOCK_N: several masked blocks on the causal diagonal, in both kernels."""
+    monkeypatch.setattr(vat, "tiles_for", lambda *args: tiles)
+    q, k, v, kw = _case([9, 40, 1], [30, 47, 0], hq=4, hkv=2)
+    _compare(q, k, v, {**kw, "causal": True}, name=str(tiles))
+    q, k, v, kw = _case([9, 40, 1], hq=2, hkv=2, d=24, rope=True, pad_q=2)  # rope over 2 row chunks
+    _compare(q, k, v, kw, name=f"rope {tiles}")
+
+
+def test_fwd_op_returns_rotated_q_and_k():
+    q, k, v, kw = _case([5, 21], hq=2, hkv=1, d=16, pad_q=3, rope=True)
+    args = (q, k, v, kw["cu_seqlens"], kw["cu_seqlens"], 21, 21, False, 0.25, kw["pos_hw"], 1e4)
+    fwd = torch.ops.seedvl.varlen_attention_fwd
+    got, ref = fwd(*args, "triton"), fwd(*args, "ref")
+    for label, a, e in zip(("out", "lse", "q_rot", "k_rot"), got, ref, strict=True):
+        assert_close(a, e, label, **tol(torch.float32, 4))
+    assert not got[2][26:].any()
+    no_rope = fwd(*args[:9], None, 1e4, "triton")
+    assert no_rope[2].shape == (0,) and no_rope[3].shape == (0,)
+
+
+def test_backward_takes_global_out_and_lse():
+    """Ring attention: each key block's backward with the merged out/lse sums to the full gradient;
+    also dlse=None."""
+    lens_q, lens_k, cuts = [5, 20], [23, 9], [14, 4]
+    q, k, v, kw = _case(lens_q, lens_k, hq=4, hkv=2, d=16)
+    cu_q, cu_k = kw["cu_seqlens"], kw["cu_seqlens_k"]
+    starts = cu_k[:-1].tolist()
+    bounds = list(zip(cuts, lens_k, starts, strict=True))
+    idx = [
+        torch.cat([torch.arange(s, s + c, device=DEVICE) for c, _, s in bounds]),  # keys [0, cut)
+        torch.cat([torch.arange(s + c, s + n, device=DEVICE) for c, n, s in bounds]),  # keys [cut, n)
+    ]
+    cus = [_cu(cuts), _cu([n - c for n, c in zip(lens_k, cuts, strict=True)])]
+    fwd, bwd = torch.ops.seedvl.varlen_attention_fwd, torch.ops.seedvl.varlen_attention_bwd
+    parts = [
+        fwd(q, k[i], v[i], cu_q, c, 20, 23, False, 0.25, None, 1e4, "triton")
+        for i, c in zip(idx, cus, strict=True)
+    ]
+    lse = torch.logaddexp(parts[0][1], parts[1][1])
+    out = sum(torch.exp(part[1] - lse).T[..., None] * part[0] for part in parts)
+    dout = torch.randn_like(q)
+    for dlse in (torch.randn_like(lse), None):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for i, c in zip(idx, cus, strict=True):
+            gq, gk, gv = bwd(
+                dout, dlse, q, k[i], v[i], out, lse, cu_q, c, 20, 23, False, 0.25, None, 1e4, "triton"
+            )
+            dq += gq
+            dk[i], dv[i] = gk, gv
+        full = va.varlen_attention_bwd_ref(dout, dlse, q, k, v, out, lse, cu_q, cu_k, False, 0.25)
+        for label, a, e in zip(("dq", "dk", "dv"), (dq, dk, dv), full, strict=True):
+            assert_close(
+                a, e, f"split-key {label} dlse={'None' if dlse is None else 'given'}", **tol(torch.float32, 4)
+            )
+
+
+def test_empty_pack_and_all_padding():
+    q, k, v, kw = _case([0, 0], hq=2, hkv=1, d=16, pad_q=6)
+    g_out, g_lse = torch.randn(q.shape, device=DEVICE), torch.randn(2, q.shape[0], device=DEVICE)
+    out, lse, dq, dk, dv = _run(q, k, v, kw, "triton", g_out, g_lse)
+    assert not out.any() and torch.isneginf(lse).all() and not dq.any() and not dk.any() and not dv.any()
+    q, k, v, kw = _case([], hq=2, hkv=1, d=16)
+    g_out, g_lse = torch.randn(q.shape, device=DEVICE), torch.randn(2, 0, device=DEVICE)
+    out, lse, dq, dk, dv = _run(q, k, v, kw, "triton", g_out, g_lse)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0) and dq.shape == q.shape
+
+
+def test_rows_without_keys_are_zero_with_zero_grads():
+    q, k, v, kw = _case([19], [3], d=16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = va.varlen_attention(q, k, v, **kw, causal=True, return_lse=True, impl="triton")
+    assert not out[:16].any() and torch.isneginf(lse[:, :16]).all() and torch.isfinite(lse[:, 16:]).all()
+    dq, dk, dv = torch.autograd.grad(out.sum() + lse[:, 16:].sum(), (q, k, v))
+    assert not dq[:16].any() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+
+
+def test_gradient_through_lse_only():
+    """Only lse used: autograd passes no output gradient (the backward runs with dO = 0)."""
+    q, k, v, kw = _case([5, 12], hq=2, hkv=1, d=16, rope=True)
+    grads = {}
+    for impl in ("triton", "ref"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        _, lse = va.varlen_attention(*leaves, **kw, return_lse=True, impl=impl)
+        grads[impl] = torch.autograd.grad(lse.sum(), leaves)
+    for label, a, e in zip(("dq", "dk", "dv"), grads["triton"], grads["ref"], strict=True):
+        assert_close(a, e, f"lse-only {label}", **tol(torch.float32, 4))
+
+
+def test_backward_is_deterministic():
+    q, k, v, kw = _case([33, 6], hq=4, hkv=1, d=16, rope=True)
+    g_out, g_lse = torch.randn(q.shape, device=DEVICE), torch.randn(4, q.shape[0], device=DEVICE)
+    first = _run(q, k, v, {**kw, "causal": True}, "triton", g_out, g_lse)
+    second = _run(q, k, v, {**kw, "causal": True}, "triton", g_out, g_lse)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_schedule_longest_first_and_table():
+    lens = [3, 0, 40, 17, 40, 1]
+    cu = _cu(lens)
+    block = 16
+    n = vat.max_tiles(int(cu[-1]) + 7, len(lens), max(lens), block)
+    (sched,) = vat._schedules([(cu, cu, int(cu[-1]) + 7, max(lens), block)])
+    first, count, start, length, *_, end = sched.records.tolist()
+    assert length == [40, 40, 17, 3, 1, 0] and start[:2] == [3, 60]  # longest first, stable on ties
+    assert count == [math.ceil(x / block) for x in length]
+    assert first == [e - c for e, c in zip(end, count, strict=True)]
+    table = sched.table[:n].tolist()
+    expected = [i for i, c in enumerate(count) for _ in range(c)]
+    assert table[: len(expected)] == expected and all(t == len(lens) for t in table[len(expected) :])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tile_bound_holds(seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+    for block in (16, 64, 128):
+        real = sum(math.ceil(x / block) for x in lens)
+        pad = int(torch.randint(0, 100, (1,), generator=g))
+        assert real <= vat.max_tiles(sum(lens) + pad, len(lens), max(lens), block)
+
+
+def test_opcheck_fwd_and_bwd():
+    fwd, bwd = torch.ops.seedvl.varlen_attention_fwd.default, torch.ops.seedvl.varlen_attention_bwd.default
+    q, k, v, kw = _case([3, 0, 17], hq=2, hkv=1, d=16, pad_q=2, rope=True)
+    cu, pos = kw["cu_seqlens"], kw["pos_hw"]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(fwd, (*leaves, cu, cu, 17, 17, True, 0.3, pos, 1e4, "triton"))
+    out, lse, qr, kr = fwd(q, k, v, cu, cu, 17, 17, True, 0.3, pos, 1e4, "triton")
+    args = (torch.randn_like(out), torch.randn_like(lse), qr, kr, v, out, lse, cu, cu, 17, 17, True, 0.3)
+    torch.library.opcheck(bwd, (*args, pos, 1e4, "triton"))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, kw = _case([4, 0, 19], hq=2, hkv=1, d=16, pad_q=1, rope=True)
+
+    def f(q, k, v, cu, pos):
+        out, lse = va.varlen_attention(
+            q, k, v, cu, 19, causal=True, pos_hw=pos, return_lse=True, impl="triton"
+        )
+        return (out * 2).sum() + lse[:, :23].sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss = compiled(*leaves, kw["cu_seqlens"], kw["pos_hw"])
+    grads = torch.autograd.grad(loss, leaves)
+    leaves_e = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss_e = f(*leaves_e, kw["cu_seqlens"], kw["pos_hw"])
+    expected = (loss_e, *torch.autograd.grad(loss_e, leaves_e))
+    for label, a, e in zip(("loss", "dq", "dk", "dv"), (loss, *grads), expected, strict=True):
+        assert_close(a, e, f"compiled {label}", **tol(torch.float32))
+
+
+def test_limits_are_errors():
+    q, k, v, kw = _case([3], d=272)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        va.varlen_attention(q, k, v, **kw, impl="triton")
+    q, k, v, kw = _case([3], d=16)
+    with pytest.raises(ValueError, match="softmax_scale: the Triton kernels need a scale >= 0"):
+        va.varlen_attention(q, k, v, **kw, softmax_scale=-0.5, impl="triton")
+
+
+# ----------------------------------------------------------------------------- GPU (real sizes, bf16)
+
+
+def _vit_pack(sizes: list[tuple[int, int]], heads: int = 20, d: int = 64, dtype=torch.bfloat16):
+    """Seed-ViT-like pack: images of (rows, cols) patches, positions per image."""
+    lengths = [h * w for h, w in sizes]
+    pos = torch.cat(
+        [
+            torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 2)
+            for h, w in sizes
+        ]
+    ).to(torch.int32)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, d, device="cuda", dtype=dtype) for _ in range(3))
+    kw = {"cu_seqlens": _cu(lengths), "max_seqlen": max(lengths), "pos_hw": pos.cuda()}
+    return q, k, v, kw
+
+
+def _gpu_compare(q, k, v, kw, factor=3.0):
+    """bf16/fp16 kernel vs the fp32 reference: the kernel's error stays within ``factor`` x the
+    reference's own error when run in the low precision, plus a floor (see tests/utils.py). The
+    factor is 3, not flash-attention's 2: this reference computes in fp32 internally and rounds only
+    its inputs and outputs, while the kernel also rounds P and dS for the tensor cores."""
+    g_out = torch.randn(q.shape, device=q.device)
+    g_lse = torch.randn(q.shape[1], q.shape[0], device=q.device)
+    got = _run(q, k, v, kw, "triton", g_out, g_lse)
+    low = _run(q, k, v, kw, "ref", g_out, g_lse)
+    hi = _run(q.float(), k.float(), v.float(), kw, "ref", g_out, g_lse)
+    for label, a, lo, h in zip(("out", "lse", "dq", "dk", "dv"), got, low, hi, strict=True):
+        finite = torch.isfinite(h)
+        assert torch.equal(torch.isfinite(a), finite), f"{label}: finite entries differ"
+        assert_matches_ref_error(a[finite].float(), lo[finite].float(), h[finite], label, factor)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,d",
+    [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 80), (torch.bfloat16, 72)],
+    ids=["bf16-d64", "fp16-d64", "bf16-d80", "bf16-d72"],
+)
+def test_gpu_vit_pack_with_rope(dtype, d):
+    sizes = [(32, 32), (64, 64), (16, 40), (1, 1), (46, 28), (8, 8)]  # 1k, 4k, 640, 1, 1288, 64 tokens
+    _gpu_compare(*_vit_pack(sizes, d=d, dtype=dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_windows_and_one_huge_image():
+    _gpu_compare(*_vit_pack([(8, 8)] * 64))
+    _gpu_compare(*_vit_pack([(64, 96)] + [(2, 2)] * 50 + [(1, 3)] * 7))  # the reference holds L^2 x H
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 72, 80, 128])
+def test_gpu_causal_gqa_unequal_lengths(d):
+    lens_q, lens_k = [300, 1, 2048, 0, 77], [900, 1, 2048, 5, 70]
+    q = torch.randn(sum(lens_q) + 5, 16, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k) + 3, 4, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = dict(cu_seqlens=_cu(lens_q), max_seqlen=2048, cu_seqlens_k=_cu(lens_k), max_seqlen_k=2048)
+    _gpu_compare(q, k, v, {**kw, "causal": True})
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_opcheck():
+    q, k, v, kw = _vit_pack([(32, 32), (16, 16), (3, 5)])
+    g_out, g_lse = torch.randn(q.shape, device="cuda"), torch.randn(20, q.shape[0], device="cuda")
+    first = _run(q, k, v, kw, "triton", g_out, g_lse)
+    second = _run(q, k, v, kw, "triton", g_out, g_lse)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    cu, pos = kw["cu_seqlens"], kw["pos_hw"]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    args = (*leaves, cu, cu, 1024, 1024, False, 0.125, pos, 1e4, "triton")
+    torch.library.opcheck(torch.ops.seedvl.varlen_attention_fwd.default, args)
