@@ -1,8 +1,8 @@
 """Model forwards on the tiny presets: packing is invisible (packed == one-by-one), the VLM trains
 (finite gradients everywhere), and a ViT block compiles.
 
-These need the public ops (varlen_attention, pool_adapter, route, moe_ffn); each test skips with the
-missing op's name until it exists in seedvl_kernels.
+The last test runs the whole VLM through every Triton kernel (the interpreter on a CPU) and checks
+loss and gradients against the reference path.
 """
 
 from __future__ import annotations
@@ -20,13 +20,6 @@ from model.preprocess import pack_images, patchify
 from model.vit import SeedViT, ViTBlock
 from model.vlm import SeedVLM
 from tests.utils import assert_close
-
-
-def _need(*ops: str) -> None:
-    # Not callable yet: absent, or only the submodule (its test imported it) before the export.
-    missing = [op for op in ops if not callable(getattr(seedvl_kernels, op, None))]
-    if missing:
-        pytest.skip(f"seedvl_kernels does not export {', '.join(missing)} yet")
 
 
 def _random_images(shapes: list[tuple[int, int]], gen: torch.Generator) -> list[torch.Tensor]:
@@ -51,7 +44,6 @@ def _docs(lengths: list[int], vocab: int):
 
 
 def test_vit_packed_equals_per_image():
-    _need("varlen_attention")
     vit = SeedViT(get_preset("vit-tiny")).eval()
     batch = _packed_images()
     with torch.no_grad():
@@ -67,7 +59,6 @@ def test_vit_packed_equals_per_image():
 
 @pytest.mark.parametrize("preset", ["llm-tiny", "llm-tiny-shared"])
 def test_llm_packed_equals_per_document(preset):
-    _need("varlen_attention", "route", "moe_ffn")
     cfg = get_preset(preset)
     llm = MoELLM(cfg).eval()
     lengths = [7, 1, 16, 3]
@@ -85,7 +76,6 @@ def test_llm_packed_equals_per_document(preset):
 
 
 def test_llm_is_causal_within_a_document():
-    _need("varlen_attention", "route", "moe_ffn")
     cfg = get_preset("llm-tiny")
     llm = MoELLM(cfg).eval()
     _, ids, pos, cu = _docs([10], cfg.vocab_size)
@@ -110,12 +100,8 @@ def _vlm_batch(cfg, gen: torch.Generator):
     return images, ids, pos, cu, max(len(doc1), len(doc2))
 
 
-@pytest.mark.parametrize("preset", ["seedvl-tiny", "seedvl-tiny-shared"])
-def test_vlm_forward_backward_finite(preset):
-    _need("varlen_attention", "pool_adapter", "route", "moe_ffn")
-    cfg = get_preset(preset)
-    vlm = SeedVLM(cfg)
-    images, ids, pos, cu, max_len = _vlm_batch(cfg, torch.Generator().manual_seed(1))
+def _vlm_loss(vlm: SeedVLM, cfg, batch) -> torch.Tensor:
+    images, ids, pos, cu, max_len = batch
     out = vlm(
         ids, pos, cu, max_len,
         patches=images.patches, pos_hw=images.pos_hw,
@@ -123,7 +109,14 @@ def test_vlm_forward_backward_finite(preset):
     )  # fmt: skip
     assert out.logits.shape == (ids.shape[0], cfg.llm.vocab_size)
     ce = F.cross_entropy(out.logits[:-1].float(), ids[1:])
-    loss = ce + cfg.llm.aux_loss_coef * out.load_balancing_loss + cfg.llm.z_loss_coef * out.router_z_loss
+    return ce + cfg.llm.aux_loss_coef * out.load_balancing_loss + cfg.llm.z_loss_coef * out.router_z_loss
+
+
+@pytest.mark.parametrize("preset", ["seedvl-tiny", "seedvl-tiny-shared"])
+def test_vlm_forward_backward_finite(preset):
+    cfg = get_preset(preset)
+    vlm = SeedVLM(cfg)
+    loss = _vlm_loss(vlm, cfg, _vlm_batch(cfg, torch.Generator().manual_seed(1)))
     loss.backward()
     assert torch.isfinite(loss)
     for name, p in vlm.named_parameters():
@@ -135,7 +128,6 @@ def test_vlm_forward_backward_finite(preset):
 
 
 def test_vlm_visual_tokens_land_on_placeholders():
-    _need("varlen_attention", "pool_adapter")
     cfg = get_preset("seedvl-tiny")
     vlm = SeedVLM(cfg).eval()
     images, ids, *_ = _vlm_batch(cfg, torch.Generator().manual_seed(2))
@@ -150,7 +142,6 @@ def test_vlm_visual_tokens_land_on_placeholders():
 
 
 def test_vit_block_compiles_fullgraph():
-    _need("varlen_attention")
     block = ViTBlock(get_preset("vit-tiny")).eval()
     batch = _packed_images()
     x = torch.randn(batch.patches.shape[0], 64)
@@ -159,3 +150,24 @@ def test_vit_block_compiles_fullgraph():
         expected = block(x, batch.pos_hw, batch.cu_seqlens, batch.max_seqlen)
         actual = compiled(x, batch.pos_hw, batch.cu_seqlens, batch.max_seqlen)
     assert_close(actual, expected, "compiled ViT block", atol=1e-5, rtol=1e-5)
+
+
+def test_vlm_triton_path_matches_reference_path():
+    """Every op with a Triton kernel runs it (interpreter on CPU); loss and all gradients match."""
+    cfg = get_preset("seedvl-tiny")
+    vlm = SeedVLM(cfg)
+    batch = _vlm_batch(cfg, torch.Generator().manual_seed(3))
+    kernels = {op: "triton" for op in seedvl_kernels.ops() if "triton" in seedvl_kernels.implementations(op)}
+    assert {"varlen_attention", "pool_adapter", "moe_ffn"} <= kernels.keys()
+    results = []
+    for choice in ({}, kernels):
+        vlm.zero_grad()
+        with seedvl_kernels.use_impl("ref", **choice):
+            loss = _vlm_loss(vlm, cfg, batch)
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in vlm.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert_close(loss, ref_loss, "loss", atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        scale = float(ref_grads[name].abs().max()) or 1.0
+        assert_close(g, ref_grads[name], f"d{name}", atol=1e-4 * scale, rtol=1e-4)
