@@ -9,7 +9,7 @@ from model.config import get_preset
 from model.generate import KVCache, generate
 from model.llm import MoELLM
 from model.vlm import SeedVLM
-from tests.test_model_forward import _need, _vlm_batch
+from tests.test_model_forward import _vlm_batch
 
 
 def _greedy_without_cache(llm: MoELLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
@@ -23,7 +23,6 @@ def _greedy_without_cache(llm: MoELLM, prompt: torch.Tensor, n: int) -> torch.Te
 
 @pytest.mark.parametrize("preset", ["llm-tiny", "llm-tiny-shared"])
 def test_cached_generation_matches_recompute(preset):
-    _need("varlen_attention", "route", "moe_ffn")
     cfg = get_preset(preset)
     llm = MoELLM(cfg).eval()
     gen = torch.Generator().manual_seed(0)
@@ -36,7 +35,6 @@ def test_cached_generation_matches_recompute(preset):
 
 
 def test_generation_stops_at_eos_per_sequence():
-    _need("varlen_attention", "route", "moe_ffn")
     cfg = get_preset("llm-tiny")
     llm = MoELLM(cfg).eval()
     prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
@@ -50,7 +48,6 @@ def test_generation_stops_at_eos_per_sequence():
 
 
 def test_vlm_generation_with_images():
-    _need("varlen_attention", "pool_adapter", "route", "moe_ffn")
     cfg = get_preset("seedvl-tiny")
     vlm = SeedVLM(cfg).eval()
     images, ids, _, cu, _ = _vlm_batch(cfg, torch.Generator().manual_seed(3))
