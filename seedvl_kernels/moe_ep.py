@@ -72,7 +72,7 @@ import torch.distributed as dist
 
 from . import _backends, _validate
 from .grouped_gemm import grouped_gemm
-from .moe_ffn import swiglu
+from .moe_ffn import check_expert_weights, swiglu
 from .moe_permute import _check_expert_ids, _check_num_experts, moe_permute, moe_unpermute
 
 DTYPES = (*_backends.FLOAT_DTYPES, torch.float64)
@@ -256,31 +256,6 @@ def ep_combine(y: torch.Tensor, state: EPState) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the layer
 
 
-def _check_expert_weights(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
-    """This rank's shard: w_gate_up (E_l, D, 2F), w_down (E_l, F, D), x's dtype and device."""
-    D = x.shape[1]
-    _validate.tensor("w_gate_up", w_gate_up)
-    _validate.ndim("w_gate_up", w_gate_up, 3, "(E_l, D, 2F)")
-    _validate.same_dtype("w_gate_up", w_gate_up, "x", x)
-    _validate.dim_size("w_gate_up", w_gate_up, 1, D, "D, the hidden size of x")
-    local_experts, two_f = w_gate_up.shape[0], w_gate_up.shape[2]
-    if local_experts < 1:
-        raise ValueError(
-            f"w_gate_up: expected at least one local expert (E_l >= 1), got shape {tuple(w_gate_up.shape)}"
-        )
-    if two_f % 2 != 0:
-        raise ValueError(f"w_gate_up: expected an even last dim 2F (gate half, then up half), got {two_f}")
-    _validate.last_dim_contiguous("w_gate_up", w_gate_up)
-    _validate.tensor("w_down", w_down)
-    _validate.ndim("w_down", w_down, 3, "(E_l, F, D)")
-    _validate.same_dtype("w_down", w_down, "x", x)
-    _validate.dim_size("w_down", w_down, 0, local_experts, "E_l, the local experts of w_gate_up")
-    _validate.dim_size("w_down", w_down, 1, two_f // 2, "F, half the last dim of w_gate_up")
-    _validate.dim_size("w_down", w_down, 2, D, "D, the hidden size of x")
-    _validate.last_dim_contiguous("w_down", w_down)
-    _validate.same_device({"x": x, "w_gate_up": w_gate_up, "w_down": w_down})
-
-
 def ep_moe_ffn(
     x: torch.Tensor,
     gate_weights: torch.Tensor,
@@ -317,7 +292,7 @@ def ep_moe_ffn(
         raise TypeError(f"group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
     _validate.tensor("x", x)
     _validate.ndim("x", x, 2, "(T, D)")
-    _check_expert_weights(x, w_gate_up, w_down)
+    check_expert_weights(x, w_gate_up, w_down, experts="E_l")
     num_experts = w_gate_up.shape[0] * dist.get_world_size(group)
     x_local, offsets, state = ep_dispatch(x, expert_ids, gate_weights, num_experts, group)
     h = swiglu(grouped_gemm(x_local, w_gate_up, offsets, impl=impl))

@@ -80,6 +80,36 @@ _dispatch.register(OP, "triton", _backends.triton_support_for(_backends.FLOAT_DT
 # ----------------------------------------------------------------------------- public function
 
 
+def check_expert_weights(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, experts: str = "E"
+) -> int:
+    """Validate w_gate_up (E, D, 2F) and w_down (E, F, D) against x (T, D); return E.
+
+    ``experts`` names the expert count in messages ("E_l" for one rank's shard under expert parallel).
+    """
+    D = x.shape[1]
+    _validate.tensor("w_gate_up", w_gate_up)
+    _validate.ndim("w_gate_up", w_gate_up, 3, f"({experts}, D, 2F)")
+    _validate.same_dtype("w_gate_up", w_gate_up, "x", x)
+    _validate.dim_size("w_gate_up", w_gate_up, 1, D, "D, the hidden size of x")
+    num_experts, two_f = w_gate_up.shape[0], w_gate_up.shape[2]
+    if num_experts < 1:
+        raise ValueError(
+            f"w_gate_up: expected at least one expert ({experts} >= 1), got shape {tuple(w_gate_up.shape)}"
+        )
+    if two_f % 2 != 0:
+        raise ValueError(f"w_gate_up: expected an even last dim 2F (gate half, then up half), got {two_f}")
+    _validate.last_dim_contiguous("w_gate_up", w_gate_up)
+    _validate.tensor("w_down", w_down)
+    _validate.ndim("w_down", w_down, 3, f"({experts}, F, D)")
+    _validate.same_dtype("w_down", w_down, "x", x)
+    _validate.dim_size("w_down", w_down, 0, num_experts, f"{experts}, the experts of w_gate_up")
+    _validate.dim_size("w_down", w_down, 1, two_f // 2, "F, half the last dim of w_gate_up")
+    _validate.dim_size("w_down", w_down, 2, D, "D, the hidden size of x")
+    _validate.last_dim_contiguous("w_down", w_down)
+    return num_experts
+
+
 def moe_ffn(
     x: torch.Tensor,
     gate_weights: torch.Tensor,
@@ -110,26 +140,8 @@ def moe_ffn(
     _validate.ndim("x", x, 2, "(T, D)")
     _validate.dtype("x", x, DTYPES)
     _validate.last_dim_contiguous("x", x)
-    T, D = x.shape
-    _validate.tensor("w_gate_up", w_gate_up)
-    _validate.ndim("w_gate_up", w_gate_up, 3, "(E, D, 2F)")
-    _validate.same_dtype("w_gate_up", w_gate_up, "x", x)
-    _validate.dim_size("w_gate_up", w_gate_up, 1, D, "D, the hidden size of x")
-    E, two_f = w_gate_up.shape[0], w_gate_up.shape[2]
-    if E < 1:
-        raise ValueError(
-            f"w_gate_up: expected at least one expert (E >= 1), got shape {tuple(w_gate_up.shape)}"
-        )
-    if two_f % 2 != 0:
-        raise ValueError(f"w_gate_up: expected an even last dim 2F (gate half, then up half), got {two_f}")
-    _validate.last_dim_contiguous("w_gate_up", w_gate_up)
-    _validate.tensor("w_down", w_down)
-    _validate.ndim("w_down", w_down, 3, "(E, F, D)")
-    _validate.same_dtype("w_down", w_down, "x", x)
-    _validate.dim_size("w_down", w_down, 0, E, "E, the experts of w_gate_up")
-    _validate.dim_size("w_down", w_down, 1, two_f // 2, "F, half the last dim of w_gate_up")
-    _validate.dim_size("w_down", w_down, 2, D, "D, the hidden size of x")
-    _validate.last_dim_contiguous("w_down", w_down)
+    T = x.shape[0]
+    E = check_expert_weights(x, w_gate_up, w_down)
     _check_expert_ids(expert_ids, T, E)
     _validate.tensor("gate_weights", gate_weights)
     _validate.ndim("gate_weights", gate_weights, 2, "(T, k)")
