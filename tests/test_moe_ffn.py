@@ -7,30 +7,17 @@ import torch.nn.functional as F
 import seedvl_kernels as sk
 from seedvl_kernels.moe_ffn import moe_ffn
 from seedvl_kernels.route import route
-from tests.utils import assert_close, assert_matches_ref_error, tol
+from tests.utils import assert_close, assert_matches_ref_error, moe_routing, tol
 
 T, D, FF = 48, 16, 12
 
 
+EXPERTS = {"balanced": 8, "zipf": 8, "one_hot": 6, "empty_experts": 10}
+
+
 def _routing(kind):
     """(gate_weights fp32 (T, k), expert_ids int32 (T, k), E) for a routing pattern."""
-    if kind == "balanced":
-        E, k = 8, 2
-        ids = (torch.arange(T)[:, None] * k + torch.arange(k)) % E
-    elif kind == "zipf":
-        E, k = 8, 2
-        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-        ids = torch.multinomial(probs.expand(T, E), k, replacement=False)
-    elif kind == "one_hot":
-        E, k = 6, 1
-        ids = torch.full((T, k), 4)
-    elif kind == "empty_experts":  # 3 of 10 experts get nothing
-        E, k = 10, 3
-        ids = torch.rand(T, 7).argsort(-1)[:, :k]
-    else:
-        raise AssertionError(kind)
-    gate = torch.softmax(torch.randn(T, k), -1)
-    return gate, ids.to(torch.int32), E
+    return (*moe_routing(kind, T, EXPERTS[kind]), EXPERTS[kind])
 
 
 def _weights(E, dtype=torch.float32):

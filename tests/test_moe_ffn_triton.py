@@ -9,31 +9,19 @@ from seedvl_kernels import moe_ffn_triton as mft
 from seedvl_kernels.moe_ffn import moe_ffn
 from seedvl_kernels.moe_permute import moe_permute_index
 from seedvl_kernels.route import route
-from tests.utils import assert_close, assert_matches_ref_error, tol
+from tests.utils import assert_close, assert_matches_ref_error, moe_routing, tol
 
 T, D, FF = 40, 24, 20
 NAMES = ("out", "dx", "dgate", "dw_gate_up", "dw_down")
 
 
+EXPERTS = {"balanced": 6, "zipf": 6, "one_hot": 5, "empty_experts": 10}
+
+
 def _routing(kind, tokens=T, device="cpu"):
     """(gate_weights fp32 (T, k), expert_ids int32 (T, k), E) for a routing pattern."""
-    if kind == "balanced":
-        E, k = 6, 2
-        ids = (torch.arange(tokens)[:, None] * k + torch.arange(k)) % E
-    elif kind == "zipf":
-        E, k = 6, 2
-        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-        ids = torch.multinomial(probs.expand(tokens, E), k, replacement=False)
-    elif kind == "one_hot":
-        E, k = 5, 1
-        ids = torch.full((tokens, k), 3)
-    elif kind == "empty_experts":  # 3 of 10 experts get nothing
-        E, k = 10, 3
-        ids = torch.rand(tokens, 7).argsort(-1)[:, :k]
-    else:
-        raise AssertionError(kind)
-    gate = torch.softmax(torch.randn(tokens, k), -1)
-    return gate.to(device), ids.to(torch.int32).to(device), E
+    gate, ids = moe_routing(kind, tokens, EXPERTS[kind])
+    return gate.to(device), ids.to(device), EXPERTS[kind]
 
 
 def _weights(E, d=D, ff=FF, dtype=torch.float32, device="cpu"):

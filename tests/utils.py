@@ -48,3 +48,28 @@ def assert_matches_ref_error(
         f"{name}: max abs err {err.max().item():.3e} (mean {err.mean().item():.3e}) exceeds "
         f"{factor} x reference low-precision error {ref_err:.3e} + {floor:.1e}"
     )
+
+
+def moe_routing(kind: str, tokens: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_weights fp32 (T, k), expert_ids int32 (T, k)) for one routing pattern over E experts.
+
+    balanced: k=2, round robin; zipf: k=2, P(e) ~ 1/(e+1)^1.5; one_hot: k=1, every token on expert
+    E-2; empty_experts: k=3 drawn from experts 0..6 only, so E-7 experts get nothing (E=10: 30%).
+    """
+    if kind == "balanced":
+        k = 2
+        ids = (torch.arange(tokens)[:, None] * k + torch.arange(k)) % num_experts
+    elif kind == "zipf":
+        k = 2
+        probs = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** 1.5
+        ids = torch.multinomial(probs.expand(tokens, num_experts), k, replacement=False)
+    elif kind == "one_hot":
+        k = 1
+        ids = torch.full((tokens, k), num_experts - 2)
+    elif kind == "empty_experts":
+        k = 3
+        ids = torch.rand(tokens, 7).argsort(-1)[:, :k]
+    else:
+        raise AssertionError(kind)
+    gate = torch.softmax(torch.randn(tokens, k), -1)
+    return gate, ids.to(torch.int32)
