@@ -48,6 +48,11 @@ def last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: last dim must be contiguous (stride 1), got strides {t.stride()}")
 
 
+def with_last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its last dim has stride 1 (the layout every kernel accepts), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def cu_seqlens(name: str, cu: torch.Tensor, total: int | None = None) -> None:
     """int32 (B+1,) on the data's device, starting at 0; values checked only on CPU (no GPU sync).
 

@@ -185,10 +185,6 @@ def _(
 # ----------------------------------------------------------------------------- autograd
 
 
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _setup_context(ctx, inputs, output) -> None:
     a, b, offsets, trans_b, impl = inputs
     ctx.save_for_backward(a, b, offsets)
@@ -197,7 +193,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: torch.Tensor):
     a, b, offsets = ctx.saved_tensors
-    grad_out = _contiguous(grad_out)
+    grad_out = grad_out.contiguous()
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
         grad_a = _grouped_gemm_op(grad_out, b, offsets, not ctx.trans_b, ctx.impl)
@@ -217,7 +213,7 @@ def _setup_context_dw(ctx, inputs, output) -> None:
 
 def _backward_dw(ctx, grad_dw: torch.Tensor):
     a, grad_out, offsets = ctx.saved_tensors
-    grad_dw = _contiguous(grad_dw)
+    grad_dw = grad_dw.contiguous()
     grad_a = grad_grad_out = None
     if ctx.needs_input_grad[0]:
         grad_a = _grouped_gemm_op(grad_out, grad_dw, offsets, not ctx.trans_b, ctx.impl)

@@ -185,15 +185,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: torch.Tensor):
     (pos_hw,) = ctx.saved_tensors
-    grad_x = _rope_2d_op(_last_dim_contiguous(grad_out), pos_hw, ctx.theta, not ctx.inverse, ctx.impl)
+    grad_out = _validate.with_last_dim_contiguous(grad_out)
+    grad_x = _rope_2d_op(grad_out, pos_hw, ctx.theta, not ctx.inverse, ctx.impl)
     return grad_x, None, None, None, None
 
 
 _rope_2d_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- public function

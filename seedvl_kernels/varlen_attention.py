@@ -318,8 +318,8 @@ def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None, _dq_rot, _dk_r
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
     dq, dk, dv = _varlen_attention_bwd_op(
-        _last_dim_contiguous(dout),
-        None if dlse is None else _last_dim_contiguous(dlse),
+        _validate.with_last_dim_contiguous(dout),
+        None if dlse is None else _validate.with_last_dim_contiguous(dlse),
         q,
         k,
         v,
@@ -336,10 +336,6 @@ def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None, _dq_rot, _dk_r
 
 
 _varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- public function
