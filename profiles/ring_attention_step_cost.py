@@ -67,8 +67,8 @@ def predict(costs: dict, lengths: list[int], cp: int, hkv: int, d: int, bandwidt
 def modelled_costs(lengths: list[int], cp: int, hq: int, hkv: int, d: int) -> dict:
     full_pairs = sum(n * (n + 1) / 2 for n in lengths)
     t_local = sum(2 * math.ceil(n / (2 * cp)) for n in lengths)
-    merge = (t_local * hq * d * (4 + 4 + 2) + t_local * hq * 12) / ASSUMED_HBM  # o32 r/w, o_t, lse
-    accumulate = (t_local * hq * d + 2 * t_local * hkv * d) * (4 + 4 + 2) / ASSUMED_HBM  # dq, dkv
+    merge = (t_local * hq * d * (4 + 4 + 4) + t_local * hq * 12) / ASSUMED_HBM  # o32 r/w, fp32 o_t, lse
+    accumulate = (t_local * hq * d + 2 * t_local * hkv * d) * (4 + 4 + 4) / ASSUMED_HBM  # dq, dkv (fp32)
     step = _pairs(lengths, cp) * hq * d
     return {
         "full_fwd": 4 * full_pairs * hq * d / ASSUMED_FWD_FLOPS,

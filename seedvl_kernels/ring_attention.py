@@ -23,9 +23,11 @@ cu_seqlens that give the other half zero-length sequences (no gather copies). Ea
     m = max(lse, lse_t) (0 where both are -inf);  lse' = m + log(exp(lse - m) + exp(lse_t - m))
     o' = exp(lse - lse') o + exp(lse_t - lse') o_t       (weights <= 1: no overflow)
 
-Rows that see no key (yet) have lse -inf and weight 0, never NaN. Only the partials o_t round to the
-input dtype; the running sum never does, so the error does not grow with CP (users of ring
-implementations that keep the accumulator in bf16 see it grow).
+Rows that see no key (yet) have lse -inf and weight 0, never NaN. Nothing rounds to the input dtype
+before the end: each step's o_t comes back from varlen_attention in fp32 (the op's ``out_dtype``) and
+the running sum is fp32, so out is rounded once, as in a single-process call, and the error does not
+grow with CP. (Users of ring implementations that keep the accumulator in bf16 see it grow; rounding
+only each o_t to bf16 costs about 1.3x the single-process error from CP=2 on.)
 
 Backward, with the global out O and lse L of the local queries (and dL when lse is used):
 
@@ -33,8 +35,9 @@ Backward, with the global out O and lse L of the local queries (and dL when lse 
     dQ += s dS_t K_t      dK_t = s dS_t^T Q          dV_t = P_t^T dO
 
 which is exactly ``torch.ops.seedvl.varlen_attention_bwd`` called with (O, L) for each step's KV
-block. dQ accumulates locally in fp32; dK/dV of a block accumulate in an fp32 buffer that travels
-around the ring with the block, and after the last step takes one more hop home to its owner.
+block, returning fp32 dq_t, dk_t, dv_t. dQ accumulates locally in fp32; dK/dV of a block accumulate
+in an fp32 buffer that travels around the ring with the block, and after the last step takes one more
+hop home to its owner.
 
 Communication (KV of T rows: 2*T*Hkv*D*itemsize bytes). Forward: CP-1 KV hops. Backward: CP-1 KV
 hops and CP fp32 dKV hops (2*T*Hkv*D*4 bytes each). Every hop is an isend to rank r+1 and an irecv
@@ -259,20 +262,43 @@ def _wait(works: list) -> None:
 # ----------------------------------------------------------------------------- local blocks
 
 
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of each block's partial out, dq, dk, dv: the compute dtype (fp32; fp64 for fp64),
+    so that nothing is rounded to the input dtype before the sums over the ring."""
+    return _compute_dtype(dtype)
+
+
 def _block_fwd(q, k, v, call: Call, max_q: int, max_k: int, scale: float, impl: str):
-    """(out, lse) of one block (the op's other two outputs, the rotated q and k of pos_hw, are unused)."""
+    """(out, lse) of one block, out unrounded (the op's other two outputs, the rotated q and k of
+    pos_hw, are unused)."""
     cu_q, cu_k, causal = call
     out, lse, *_ = torch.ops.seedvl.varlen_attention_fwd(
-        q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, None, 10000.0, impl
+        q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, None, 10000.0, impl, _partial_dtype(q.dtype)
     )
     return out, lse
 
 
 def _block_bwd(dout, dlse, q, k, v, out, lse, call: Call, max_q: int, max_k: int, scale: float, impl: str):
-    """(dq, dk, dv) of one block, given the global out and lse of the queries."""
+    """(dq, dk, dv) of one block, unrounded, given the global out and lse of the queries."""
     cu_q, cu_k, causal = call
     return torch.ops.seedvl.varlen_attention_bwd(
-        dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, None, 10000.0, impl
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        None,
+        10000.0,
+        impl,
+        _partial_dtype(q.dtype),
     )
 
 

@@ -31,7 +31,10 @@ key blocks) to get each key block's share of the gradient.
 
 Shapes: q (T, Hq, D), k and v (Tk, Hkv, D), cu_seqlens (B+1,) int32, pos_hw (T, 2) int32;
 out (T, Hq, D) in q's dtype, lse (Hq, T) fp32 (fp64 for fp64 inputs, so that fp64 tests of
-the ops built on this one keep full precision). Math in fp32 (fp64 for fp64).
+the ops built on this one keep full precision). Math in fp32 (fp64 for fp64). The custom ops
+(``torch.ops.seedvl.varlen_attention_fwd`` / ``_bwd``) also take ``out_dtype=torch.float32`` to
+return out (forward) or dq, dk, dv (backward) unrounded: ring attention sums one such partial result
+per key block, and rounding each to bf16 before the sum would make the error grow with the ring.
 
 Saved for backward: q and k as the attention saw them (rotated when ``pos_hw`` is given: the
 forward op also returns the rotated q and k, so that the backward kernels never rotate on load and
@@ -105,8 +108,10 @@ def varlen_attention_ref(
     softmax_scale: float | None = None,
     pos_hw: torch.Tensor | None = None,
     rope_theta: float = 10000.0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch forward (the spec): returns out (T, Hq, D) in q's dtype and lse (Hq, T)."""
+    """Pure-PyTorch forward (the spec): returns out (T, Hq, D) in ``out_dtype`` (default q's dtype)
+    and lse (Hq, T)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     c = _compute_dtype(q.dtype)
@@ -122,7 +127,7 @@ def varlen_attention_ref(
         o = torch.einsum("hgqk,khd->qhgd", _probs(s, row_lse), v[k0:k1].to(c))
         out[q0:q1] = o.flatten(1, 2)
         lse[:, q0:q1] = row_lse.flatten(0, 1)
-    return out.to(q.dtype), lse
+    return out.to(out_dtype or q.dtype), lse
 
 
 def varlen_attention_bwd_ref(
@@ -139,8 +144,10 @@ def varlen_attention_bwd_ref(
     softmax_scale: float | None = None,
     pos_hw: torch.Tensor | None = None,
     rope_theta: float = 10000.0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch backward (explicit; custom ops cannot use autograd inside): dq, dk, dv.
+    """Pure-PyTorch backward (explicit; custom ops cannot use autograd inside): dq, dk, dv, in
+    ``out_dtype`` (default the dtypes of q, k, v).
 
     ``out`` and ``lse`` may be global results of which this call's keys are one part (ring
     attention); P is always exp(S - lse) with the lse given. With ``pos_hw``, ``q`` and ``k`` are
@@ -169,7 +176,7 @@ def varlen_attention_bwd_ref(
     if pos_hw is not None:
         dq = rope_2d_ref(dq, pos_hw, rope_theta, inverse=True)
         dk = rope_2d_ref(dk, pos_hw, rope_theta, inverse=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(out_dtype or q.dtype), dk.to(out_dtype or k.dtype), dv.to(out_dtype or v.dtype)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -200,7 +207,7 @@ class _Params:
 
 
 def _launch_fwd_ref(q, k, v, p: _Params, out, lse, q_rot, k_rot) -> None:
-    result = varlen_attention_ref(q, k, v, *p.ref_args())
+    result = varlen_attention_ref(q, k, v, *p.ref_args(), out_dtype=out.dtype)
     out.copy_(result[0])
     lse.copy_(result[1])
     if p.pos_hw is not None:
@@ -210,7 +217,7 @@ def _launch_fwd_ref(q, k, v, p: _Params, out, lse, q_rot, k_rot) -> None:
 
 
 def _launch_bwd_ref(dout, dlse, q, k, v, out, lse, p: _Params, dq, dk, dv) -> None:
-    grads = varlen_attention_bwd_ref(dout, dlse, q, k, v, out, lse, *p.ref_args())
+    grads = varlen_attention_bwd_ref(dout, dlse, q, k, v, out, lse, *p.ref_args(), out_dtype=dq.dtype)
     for dst, src in zip((dq, dk, dv), grads, strict=True):
         dst.copy_(src)
 
@@ -224,17 +231,34 @@ _dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES))
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 
-def _empty_fwd(q: torch.Tensor, k: torch.Tensor, rope: bool) -> tuple[torch.Tensor, ...]:
+def _out_dtype(t: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The ops' ``out_dtype``: None is the input's dtype; otherwise it must be the compute dtype
+    (fp32, fp64 for fp64), which keeps partial results unrounded for callers that sum them."""
+    if out_dtype is None or out_dtype == t.dtype:
+        return t.dtype
+    if out_dtype != _compute_dtype(t.dtype):
+        raise ValueError(
+            f"out_dtype: expected None, {t.dtype} or the compute dtype {_compute_dtype(t.dtype)}, "
+            f"got {out_dtype}"
+        )
+    return out_dtype
+
+
+def _empty_fwd(
+    q: torch.Tensor, k: torch.Tensor, rope: bool, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, ...]:
     """out, lse and the rotated q and k (empty (0,) tensors without rope)."""
     T, Hq, _ = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=_out_dtype(q, out_dtype), device=q.device)
     lse = torch.empty((Hq, T), dtype=_compute_dtype(q.dtype), device=q.device)
     rot = [torch.empty(t.shape if rope else (0,), dtype=t.dtype, device=t.device) for t in (q, k)]
     return out, lse, *rot
 
 
-def _empty_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+def _empty_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(t.shape, dtype=_out_dtype(t, out_dtype), device=t.device) for t in (q, k, v))
 
 
 @torch.library.custom_op("seedvl::varlen_attention_fwd", mutates_args=())
@@ -251,11 +275,13 @@ def _varlen_attention_fwd_op(
     pos_hw: torch.Tensor | None,
     rope_theta: float,
     impl: str,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """out (T, Hq, D), lse (Hq, T), and with pos_hw the rotated q and k that the attention used
     (saved for the backward in place of q and k; padding rows of the rotated q are 0); without
-    pos_hw those two are empty (0,)."""
-    out, lse, q_rot, k_rot = _empty_fwd(q, k, pos_hw is not None)
+    pos_hw those two are empty (0,). out is in q's dtype, or in fp32 with ``out_dtype=torch.float32``
+    (a partial result that the caller merges: ring attention)."""
+    out, lse, q_rot, k_rot = _empty_fwd(q, k, pos_hw is not None, out_dtype)
     p = _Params(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, pos_hw, rope_theta
     )
@@ -264,8 +290,8 @@ def _varlen_attention_fwd_op(
 
 
 @_varlen_attention_fwd_op.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, *theta_and_impl):
-    return _empty_fwd(q, k, pos_hw is not None)
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl, out_dtype=None):
+    return _empty_fwd(q, k, pos_hw is not None, out_dtype)
 
 
 @torch.library.custom_op("seedvl::varlen_attention_bwd", mutates_args=())
@@ -286,8 +312,11 @@ def _varlen_attention_bwd_op(
     pos_hw: torch.Tensor | None,
     rope_theta: float,
     impl: str,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _empty_bwd(q, k, v)
+    """dq, dk, dv in the dtypes of q, k, v, or in fp32 with ``out_dtype=torch.float32``. dout is in
+    q's dtype."""
+    dq, dk, dv = _empty_bwd(q, k, v, out_dtype)
     p = _Params(
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, pos_hw, rope_theta
     )
@@ -296,12 +325,13 @@ def _varlen_attention_bwd_op(
 
 
 @_varlen_attention_bwd_op.register_fake
-def _(dout, dlse, q, k, v, *saved_and_params):
-    return _empty_bwd(q, k, v)
+def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl,
+      out_dtype=None):  # fmt: skip
+    return _empty_bwd(q, k, v, out_dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, pos_hw, theta, impl, *_out_dtype = inputs
     out, lse, q_rot, k_rot = output
     ctx.mark_non_differentiable(q_rot, k_rot)  # internal: the public function drops them
     ctx.set_materialize_grads(False)  # so that no zero gradients are allocated for them
@@ -316,9 +346,9 @@ def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None, _dq_rot, _dk_r
     # dlse is None when lse is unused (and so may be for other callers, e.g. ring attention).
     q, k, v, out, lse, cu_q, cu_k, pos_hw = ctx.saved_tensors
     if dout is None:  # only lse was used
-        dout = torch.zeros_like(out)
+        dout = torch.zeros_like(q)
     dq, dk, dv = _varlen_attention_bwd_op(
-        _validate.with_last_dim_contiguous(dout),
+        _validate.with_last_dim_contiguous(dout.to(q.dtype)),
         None if dlse is None else _validate.with_last_dim_contiguous(dlse),
         q,
         k,
@@ -332,7 +362,7 @@ def _backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None, _dq_rot, _dk_r
         ctx.theta,
         ctx.impl,
     )
-    return dq, dk, dv, *([None] * 9)
+    return dq, dk, dv, *([None] * 10)
 
 
 _varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -210,6 +210,26 @@ def test_backward_takes_global_out_and_lse():
         assert_close(a, e, f"split-key {label}", **tol(torch.float64, 100))
 
 
+def test_ops_out_dtype_opcheck_and_errors():
+    """The ops' out_dtype (fp32 partials for ring attention): opcheck in bf16; a dtype other than the
+    input's or the compute dtype is refused naming out_dtype."""
+    fwd, bwd = torch.ops.seedvl.varlen_attention_fwd.default, torch.ops.seedvl.varlen_attention_bwd.default
+    q, k, v, cu_q, cu_k, mq, mk = _inputs(
+        [3, 0, 5], [4, 2, 5], hq=4, hkv=2, d=8, pad_q=2, dtype=torch.bfloat16
+    )
+    params = (cu_q, cu_k, mq, mk, True, 0.3, None, 1e4, "ref")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(fwd, (*leaves, *params, torch.float32))
+    out, lse, *_ = fwd(q, k, v, *params)
+    torch.library.opcheck(bwd, (torch.randn_like(out), None, q, k, v, out, lse, *params, torch.float32))
+    expected = r"out_dtype: expected None, torch\.bfloat16 or the compute dtype"
+    for bad in (torch.float16, torch.float64):
+        with pytest.raises(ValueError, match=expected):
+            fwd(q, k, v, *params, bad)
+        with pytest.raises(ValueError, match="out_dtype: expected None"):
+            bwd(torch.randn_like(out), None, q, k, v, out, lse, *params, bad)
+
+
 def test_opcheck_fwd_and_bwd():
     fwd, bwd = torch.ops.seedvl.varlen_attention_fwd.default, torch.ops.seedvl.varlen_attention_bwd.default
     q, k, v, cu_q, cu_k, mq, mk = _inputs([3, 0, 5], [4, 2, 5], hq=4, hkv=2, d=8, pad_q=2)
