@@ -86,7 +86,7 @@ def gemm_config(
     m: int, n: int, pooled: bool, epilogue: tl.constexpr | int, dtype: torch.dtype, device: torch.device
 ) -> GemmConfig:
     """Tiles for one launch. GPU values are starting points for tuning (profiles/pool_adapter.md),
-    checked for spills and pipelining on sm_90 by profiles/pool_adapter_aot.py.
+    checked for spills and pipelining on sm_90 by profiles/triton_aot.py.
 
     A pooled A operand stages 4 source tiles per step, hence BLOCK_K = 32; at BLOCK_N = 256 it and
     the DGELU epilogue (erf, exp and the loaded h beside the accumulator) exceed 255 registers.

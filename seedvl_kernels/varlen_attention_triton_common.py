@@ -10,7 +10,7 @@ import triton.language as tl
 from . import _backends
 
 # (num_warps, num_stages) tried by the autotuner per kernel. Offline compiles for sm_90 (bf16, head
-# dim 64: profiles/varlen_attention_compile.py) show dK/dV spilling with 4 warps, so it gets 8 only.
+# dim 64: profiles/triton_aot.py) show dK/dV spilling with 4 warps, so it gets 8 only.
 _PAIRS = {
     "fwd": [(4, 2), (4, 3), (8, 2), (8, 3)],
     "dkdv": [(8, 2), (8, 3)],
