@@ -214,6 +214,8 @@ def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
             if name == "fwd":
                 consts["ROPE_ROWS"] = min(32, bm)
             pointers = {p: "*fp32" for p in ((outs,) if isinstance(outs, str) else outs)} if fp32_out else {}
+            if fp32_out and name == "fwd" and not rope:
+                pointers["q_rot_ptr"] = "*fp32"  # the launcher passes out as the unused rotated-q pointer
             configs = kernel.configs if all_configs else kernel.configs[:1]
             for cfg in configs:
                 label = (

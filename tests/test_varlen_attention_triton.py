@@ -176,22 +176,24 @@ def test_backward_takes_global_out_and_lse():
 HALF = torch.bfloat16 if ON_GPU else torch.float16
 
 
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no_rope"])
 @pytest.mark.parametrize("impl", ["ref", "triton"])
-def test_ops_out_dtype_fp32_keeps_partials_unrounded(impl):
+def test_ops_out_dtype_fp32_keeps_partials_unrounded(impl, rope):
     """out_dtype=float32 (ring attention's per-block partials): out, dq, dk, dv come back in fp32, not
     already rounded, and rounding them gives exactly the default outputs; the rope and padding rows
     too. Autograd through an fp32 out works (its gradients differ from the default path's only in
     rowsum(dO * O), which sees the unrounded O)."""
-    q, k, v, kw = _case([9, 30], hq=4, hkv=2, d=16, pad_q=3, rope=True, dtype=HALF)
-    cu, pos = kw["cu_seqlens"], kw["pos_hw"]
+    q, k, v, kw = _case([9, 30], hq=4, hkv=2, d=16, pad_q=3, rope=rope, dtype=HALF)
+    cu, pos = kw["cu_seqlens"], kw.get("pos_hw")
     fwd, bwd = torch.ops.seedvl.varlen_attention_fwd, torch.ops.seedvl.varlen_attention_bwd
     args = (cu, cu, 30, 30, True, 0.25, pos, 1e4, impl)
     rounded, full = fwd(q, k, v, *args), fwd(q, k, v, *args, torch.float32)
-    assert full[0].dtype == torch.float32 and full[2].dtype == HALF  # rotated q, k stay in q's dtype
+    assert full[0].dtype == torch.float32 and full[2].dtype == HALF  # rotated q, k (or empties): q's dtype
     assert torch.equal(full[0].to(HALF), rounded[0]) and (full[0] != rounded[0].float()).any()
     for a, b in zip(rounded[1:], full[1:], strict=True):
         assert torch.equal(a, b)
     out, lse, qr, kr = rounded
+    qr, kr = (qr, kr) if rope else (q, k)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     g_rounded = bwd(dout, dlse, qr, kr, v, out, lse, *args)
     g_full = bwd(dout, dlse, qr, kr, v, out, lse, *args, torch.float32)
