@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_pass.sh                 # everything
 #   PYTEST_ARGS="-k rope" bash scripts/gpu_pass.sh
+#   RING_STEP_COST=0 bash scripts/gpu_pass.sh   # without the ring-attention step-cost measurement
 #
 # Wheels missing on an offline machine may be carried in .whl/ and are installed into /tmp/site
 # first. For the lent GPU machines (no registry access) prepare them where pip works:
@@ -34,4 +35,8 @@ python3 -m seedvl_kernels.info --json >"$OUT/info.json"
 python3 -m pytest -m gpu -v -rs ${PYTEST_ARGS:-} tests/ 2>&1 | tee "$OUT/test_gpu.log" || status=1
 python3 -m pytest bench/ -q -rs ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
 cp bench/results/*.json "$OUT/" 2>/dev/null || true
+# Issue 8: one ring step's cost relative to one unsharded attention call (profiles/ring_attention_model.md).
+if [ "${RING_STEP_COST:-1}" = 1 ] && [ -z "${PYTEST_ARGS:-}" ]; then
+  python3 profiles/ring_attention_step_cost.py --impl triton --out "$OUT" 2>&1 | tee "$OUT/ring_step_cost.log" || status=1
+fi
 exit $status
