@@ -268,38 +268,24 @@ def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
     return _compute_dtype(dtype)
 
 
+def _op_params(call: Call, max_q: int, max_k: int, scale: float, impl: str, dtype: torch.dtype) -> tuple:
+    """The varlen_attention ops' arguments after the tensors: no RoPE, unrounded partial outputs."""
+    cu_q, cu_k, causal = call
+    return (cu_q, cu_k, max_q, max_k, causal, scale, None, 10000.0, impl, _partial_dtype(dtype))
+
+
 def _block_fwd(q, k, v, call: Call, max_q: int, max_k: int, scale: float, impl: str):
     """(out, lse) of one block, out unrounded (the op's other two outputs, the rotated q and k of
     pos_hw, are unused)."""
-    cu_q, cu_k, causal = call
-    out, lse, *_ = torch.ops.seedvl.varlen_attention_fwd(
-        q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, None, 10000.0, impl, _partial_dtype(q.dtype)
-    )
+    params = _op_params(call, max_q, max_k, scale, impl, q.dtype)
+    out, lse, *_ = torch.ops.seedvl.varlen_attention_fwd(q, k, v, *params)
     return out, lse
 
 
 def _block_bwd(dout, dlse, q, k, v, out, lse, call: Call, max_q: int, max_k: int, scale: float, impl: str):
     """(dq, dk, dv) of one block, unrounded, given the global out and lse of the queries."""
-    cu_q, cu_k, causal = call
-    return torch.ops.seedvl.varlen_attention_bwd(
-        dout,
-        dlse,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_q,
-        cu_k,
-        max_q,
-        max_k,
-        causal,
-        scale,
-        None,
-        10000.0,
-        impl,
-        _partial_dtype(q.dtype),
-    )
+    params = _op_params(call, max_q, max_k, scale, impl, q.dtype)
+    return torch.ops.seedvl.varlen_attention_bwd(dout, dlse, q, k, v, out, lse, *params)
 
 
 # ----------------------------------------------------------------------------- ring autograd
