@@ -3,11 +3,11 @@
 LLM. Our MoE layer stacks every expert in the layout ``seedvl_kernels.moe_ffn`` multiplies by;
 Hugging Face checkpoints keep one nn.Linear per expert and projection. Per layer l and expert e:
 
-    ours                                    Hugging Face (Qwen3-MoE), prefix model.layers.l.mlp.
-    layers.l.ffn.w_gate_up[e][:, :F]  (D, F)   experts.e.gate_proj.weight (F, D), transposed
-    layers.l.ffn.w_gate_up[e][:, F:]  (D, F)   experts.e.up_proj.weight   (F, D), transposed
-    layers.l.ffn.w_down[e]            (F, D)   experts.e.down_proj.weight (D, F), transposed
-    layers.l.ffn.router.weight        (E, D)   gate.weight
+    ours                                            Hugging Face (Qwen3-MoE), prefix model.layers.l.mlp.
+    layers.l.ffn.experts.w_gate_up[e][:, :F]  (D, F) experts.e.gate_proj.weight (F, D), transposed
+    layers.l.ffn.experts.w_gate_up[e][:, F:]  (D, F) experts.e.up_proj.weight   (F, D), transposed
+    layers.l.ffn.experts.w_down[e]            (F, D) experts.e.down_proj.weight (D, F), transposed
+    layers.l.ffn.router.weight                (E, D) gate.weight
 
 transformers 5 holds the experts in memory as ``experts.gate_up_proj`` (E, 2F, D) and
 ``experts.down_proj`` (E, D, F) but writes the per-expert names above; both load. Everything else is
@@ -79,7 +79,7 @@ def to_hf_state_dict(llm: MoELLM) -> dict[str, torch.Tensor]:
     """Our MoELLM's weights under Qwen3-MoE names and per-expert (out, in) layouts."""
     cfg, out = llm.cfg, {}
     for name, p in llm.state_dict().items():
-        m = re.match(r"^layers\.(\d+)\.ffn\.(w_gate_up|w_down)$", name)
+        m = re.match(r"^layers\.(\d+)\.ffn\.experts\.(w_gate_up|w_down)$", name)
         if m is None:
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
@@ -107,7 +107,7 @@ def from_hf_state_dict(llm: MoELLM, hf: Mapping[str, torch.Tensor]) -> dict[str,
         if m := _EXPERT.match(name):
             experts.setdefault(int(m[1]), {})[(int(m[2]), m[3])] = name
         elif m := _FUSED_EXPERTS.match(name):  # transformers 5 in-memory layout
-            ours[f"layers.{m[1]}.ffn.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}"] = (
+            ours[f"layers.{m[1]}.ffn.experts.{'w_gate_up' if m[2] == 'gate_up_proj' else 'w_down'}"] = (
                 hf[name].transpose(1, 2).contiguous()
             )
         else:
@@ -120,10 +120,12 @@ def from_hf_state_dict(llm: MoELLM, hf: Mapping[str, torch.Tensor]) -> dict[str,
             except KeyError:
                 raise KeyError(f"missing model.layers.{layer}.mlp.experts.{e}.{kind}_proj.weight") from None
 
-        ours[f"layers.{layer}.ffn.w_gate_up"] = torch.stack(
+        ours[f"layers.{layer}.ffn.experts.w_gate_up"] = torch.stack(
             [torch.cat([get(e, "gate").t(), get(e, "up").t()], dim=-1) for e in range(cfg.num_experts)]
         )
-        ours[f"layers.{layer}.ffn.w_down"] = torch.stack([get(e, "down").t() for e in range(cfg.num_experts)])
+        ours[f"layers.{layer}.ffn.experts.w_down"] = torch.stack(
+            [get(e, "down").t() for e in range(cfg.num_experts)]
+        )
     if cfg.tie_embeddings:
         ours.setdefault("lm_head.weight", ours["embed.weight"])
     return ours

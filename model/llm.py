@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import seedvl_kernels
 
@@ -148,30 +149,66 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class RoutedExperts(nn.Module):
+    """The routed experts of one MoE layer, stacked in the layout ``moe_ffn`` multiplies by:
+    w_gate_up (E, D, 2F) with the gate half first (Hugging Face Qwen3-MoE order, transposed) and
+    w_down (E, F, D).
+
+    Expert parallel: when the trainer sets ``ep_group``, the weights are DTensors sharded on the
+    expert dimension over that group (this rank holds E/W experts) and the layer runs as
+    ``ep_moe_ffn``: tokens travel to the rank of their expert and back. Nothing else changes.
+    """
+
+    ep_group: dist.ProcessGroup | None = None
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden, 2 * cfg.moe_ffn_dim))
+        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.moe_ffn_dim, cfg.hidden))
+        for w in (self.w_gate_up, self.w_down):
+            _normal_(w)
+
+    def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x (T, D), gate_weights (T, k) fp32, expert_ids (T, k) int32 -> (T, D)."""
+        if self.ep_group is None:
+            return seedvl_kernels.moe_ffn(x, gate_weights, expert_ids, self.w_gate_up, self.w_down)
+        w_gate_up, w_down = (
+            w.to_local() if isinstance(w, DTensor) else w for w in (self.w_gate_up, self.w_down)
+        )
+        return seedvl_kernels.ep_moe_ffn(x, gate_weights, expert_ids, w_gate_up, w_down, group=self.ep_group)
+
+
 class MoE(nn.Module):
     """Router -> top-k routed SwiGLU experts (one fused op) [+ shared experts every token uses].
 
-    Expert weights are stacked in the layout ``moe_ffn`` multiplies by: w_gate_up (E, D, 2F) with
-    the gate half first (Hugging Face Qwen3-MoE order, transposed) and w_down (E, F, D).
+    The balance statistics (load-balancing and z-loss) cover the rows where ``token_mask`` is True
+    (all rows when it is None). Context parallel: when the trainer sets ``cp_group``, they cover
+    the tokens of every rank of the group and each rank returns its share, so the shares sum to the
+    losses of the unsharded batch (``seedvl_kernels.route``'s ``group``).
     """
+
+    cp_group: dist.ProcessGroup | None = None
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.top_k, self.score, self.renormalize = cfg.top_k, cfg.router_score, cfg.router_renormalize
         self.router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
-        self.w_gate_up = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden, 2 * cfg.moe_ffn_dim))
-        self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.moe_ffn_dim, cfg.hidden))
-        for w in (self.router.weight, self.w_gate_up, self.w_down):
-            _normal_(w)
+        _normal_(self.router.weight)
+        self.experts = RoutedExperts(cfg)
         shared = cfg.num_shared_experts * cfg.moe_ffn_dim
         self.shared = SwiGLU(cfg.hidden, shared) if shared else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> (y (T, D), load-balancing loss, router z-loss)."""
         # Router logits in fp32: small (T, E) GEMM, and top-k choices must not flip on bf16 rounding.
         logits = F.linear(x.float(), self.router.weight.float())
-        r = seedvl_kernels.route(logits, self.top_k, score=self.score, renormalize=self.renormalize)
-        y = seedvl_kernels.moe_ffn(x, r.gate_weights, r.expert_ids, self.w_gate_up, self.w_down)
+        r = seedvl_kernels.route(
+            logits, self.top_k, score=self.score, renormalize=self.renormalize,
+            token_mask=token_mask, group=self.cp_group,
+        )  # fmt: skip
+        y = self.experts(x, r.gate_weights, r.expert_ids)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, r.load_balancing_loss, r.router_z_loss
@@ -194,11 +231,12 @@ class DecoderLayer(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         kv_cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         h = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens, max_seqlen, kv_cache)
         if not self.is_moe:
             return h + self.ffn(self.ffn_norm(h)), None, None
-        y, lb, z = self.ffn(self.ffn_norm(h))
+        y, lb, z = self.ffn(self.ffn_norm(h), token_mask)
         return h + y, lb, z
 
 
@@ -225,11 +263,13 @@ class MoELLM(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         kv_cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> LLMOutput:
         """Final-normed hidden states (T, D) of packed input embeddings, plus the MoE losses.
 
         The LM head is left to the caller, so a trainer can fuse it with the loss (vocab 152k).
-        With ``kv_cache`` (model.generate) the tokens extend the cached sequences.
+        With ``kv_cache`` (model.generate) the tokens extend the cached sequences. ``token_mask``
+        (T,) bool marks the rows the MoE balance statistics count (padding rows are False).
         """
         if inputs_embeds.ndim != 2 or inputs_embeds.shape[1] != self.cfg.hidden:
             raise ValueError(
@@ -243,7 +283,7 @@ class MoELLM(nn.Module):
         x = inputs_embeds
         lb_losses, z_losses = [], []
         for layer in self.layers:
-            x, lb, z = layer(x, cos, sin, cu_seqlens, max_seqlen, kv_cache)
+            x, lb, z = layer(x, cos, sin, cu_seqlens, max_seqlen, kv_cache, token_mask)
             if lb is not None:
                 lb_losses.append(lb)
                 z_losses.append(z)
@@ -261,6 +301,7 @@ class MoELLM(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> LLMOutput:
         """Logits of a packed batch of documents.
 
@@ -271,6 +312,8 @@ class MoELLM(nn.Module):
             max_seqlen: host int, the longest document (from the packer: no sync here).
             inputs_embeds: (T, D) embeddings to use instead of ``embed(input_ids)`` (the VLM).
             kv_cache: generation only (model.generate): the tokens extend the cached sequences.
+            token_mask: (T,) bool, the rows the MoE balance statistics count (None: all); the
+                trainer clears it on padding rows (context-parallel shards).
         Returns:
             LLMOutput with logits (T, V) and the mean MoE load-balancing and z-losses.
         """
@@ -278,5 +321,7 @@ class MoELLM(nn.Module):
             raise ValueError("MoELLM: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        hidden, lb, z = self.forward_hidden(inputs_embeds, position_ids, cu_seqlens, max_seqlen, kv_cache)
+        hidden, lb, z = self.forward_hidden(
+            inputs_embeds, position_ids, cu_seqlens, max_seqlen, kv_cache, token_mask
+        )
         return LLMOutput(self.lm_head(hidden), lb, z)

@@ -56,7 +56,7 @@ _LLM_PARTS = [
     ("lm_head", r"^lm_head\."),
     ("attention", r"\.attn\.(q|k|v|o)_proj\."),
     ("router", r"\.ffn\.router\."),
-    ("routed_experts", r"\.ffn\.w_(gate_up|down)$"),
+    ("routed_experts", r"\.ffn\.experts\.w_(gate_up|down)$"),
     ("shared_experts", r"\.ffn\.shared\."),
     ("dense_mlp", r"\.ffn\.(gate|up|down)_proj\."),
     ("norms", r"norm"),

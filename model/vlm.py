@@ -66,8 +66,13 @@ class SeedVLM(nn.Module):
         pos_hw: torch.Tensor | None = None,
         vit_cu_seqlens: torch.Tensor | None = None,
         vit_max_seqlen: int | None = None,
+        visual_index: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> LLMOutput:
         """Logits (T, V) of a packed multimodal batch, plus the MoE losses.
+
+        The images always go through the ViT when they are given, even none of them (Tv = 0): under
+        data parallelism every rank must run every sharded module in step.
 
         Args:
             input_ids: (T,) int64, image placeholders at the visual tokens' positions.
@@ -75,10 +80,19 @@ class SeedVLM(nn.Module):
             cu_seqlens, max_seqlen: LLM document boundaries (int32 (B+1,)) and the longest document.
             patches, pos_hw, vit_cu_seqlens, vit_max_seqlen: the packed images (model.preprocess);
                 all None for a text-only batch.
+            visual_index: optional (Nv,) int64, the rows of the encoded visual tokens that fill
+                input_ids' placeholders, in order (None: all of them, in order). A context-parallel
+                shard holds only some placeholders of its batch's images.
+            token_mask: optional (T,) bool, the rows the MoE balance statistics count (padding rows
+                of a context-parallel shard are False).
         """
         vision_args = (patches, pos_hw, vit_cu_seqlens, vit_max_seqlen)
         if any(a is None for a in vision_args) and not all(a is None for a in vision_args):
             raise ValueError("SeedVLM: pass all of patches, pos_hw, vit_cu_seqlens, vit_max_seqlen or none")
         visual = None if patches is None else self.encode_images(*vision_args)
+        if visual is not None and visual_index is not None:
+            visual = visual.index_select(0, visual_index)
         embeds = self.embed(input_ids, visual)
-        return self.llm(None, position_ids, cu_seqlens, max_seqlen, inputs_embeds=embeds)
+        return self.llm(
+            None, position_ids, cu_seqlens, max_seqlen, inputs_embeds=embeds, token_mask=token_mask
+        )

@@ -9,14 +9,23 @@ Math, all in fp32 (fp64 for fp64 logits). For router logits l of shape (T, E):
     w = w / sum_j w                    if renormalize (the sum clamped at the smallest normal
                                        float, so all-underflowed sigmoid scores give 0, not NaN)
 
-Balance losses (both averaged over tokens; with T = 0 they are 0):
+Balance losses (both averaged over the counted tokens; with none they are 0). Every token is
+routed; a ``token_mask`` (padding rows False) only decides which tokens the statistics count:
 
-    count_e = #{(t, j) : ids[t, j] = e}               tokens_per_expert, int32, not differentiable
-    f_e     = count_e / (T * k)                        fraction of routed slots that go to e
+    N       = #{t : mask[t]}                           counted tokens (T without a mask)
+    count_e = #{(t, j) : mask[t], ids[t, j] = e}       tokens_per_expert, int32, not differentiable
+    f_e     = count_e / (N * k)                        fraction of routed slots that go to e
     p       = s for softmax, s / sum_e s for sigmoid   (DeepSeek-V3's normalised affinities)
-    P_e     = mean_t p[t, e]
+    P_e     = sum_{t counted} p[t, e] / N
     load_balancing_loss = E * sum_e f_e * P_e          1.0 at perfect balance (Switch/GShard)
-    router_z_loss       = mean_t logsumexp(l[t])^2     (ST-MoE)
+    router_z_loss       = sum_{t counted} logsumexp(l[t])^2 / N     (ST-MoE)
+
+Over a process ``group`` (the ranks that hold pieces of one batch, e.g. context-parallel shards),
+N and count_e are summed over the group (one all_reduce of E+1 counts, outside autograd) and each
+rank returns its share: the sums over t above run over its own tokens only. Both losses are linear
+in those sums for fixed f and N, so the shares add up over the group to the losses of the whole
+batch, and summing the ranks' gradients (as data parallelism does) gives the whole batch's
+gradient. ``tokens_per_expert`` stays this rank's.
 
 Auxiliary-loss-free balancing (DeepSeek-V3, sec. 2.1.2): after each step the caller updates the
 selection bias by the sign rule ``bias_e += rate * sign(mean_e' count_e' - count_e)`` (overloaded
@@ -44,6 +53,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from . import _backends, _dispatch, _validate
 
@@ -71,6 +81,8 @@ def route_ref(
     score: str = "softmax",
     bias: torch.Tensor | None = None,
     renormalize: bool = True,
+    token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> RouteOutput:
     """Pure-PyTorch route (the spec). See the module docstring for the math."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -84,17 +96,33 @@ def route_ref(
         denom = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
         weights = weights / denom
 
+    ones = torch.ones_like(idx, dtype=torch.int32)
+    if token_mask is not None:
+        ones = ones * token_mask.to(torch.int32).unsqueeze(-1)
     counts = torch.zeros(E, dtype=torch.int32, device=logits.device)
-    counts.scatter_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.int32, device=logits.device))
+    counts.scatter_add_(0, idx.reshape(-1), ones.reshape(-1))
 
     if score == "softmax":
         probs = scores
     else:
         probs = scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(compute).tiny)
-    frac = counts.to(compute) / max(T * top_k, 1)
-    mean_prob = probs.sum(0) / max(T, 1)
+    z = torch.logsumexp(lg, dim=-1).square()
+    if token_mask is None and group is None:
+        frac = counts.to(compute) / max(T * top_k, 1)
+        mean_prob = probs.sum(0) / max(T, 1)
+        z_loss = z.sum() / max(T, 1)
+    else:
+        if token_mask is not None:
+            keep = token_mask.unsqueeze(-1)
+            probs, z = probs.where(keep, 0.0), z.where(token_mask, 0.0)
+        stats = torch.cat([counts, ones[:, 0].sum().view(1)])  # (E+1,): counts and N
+        if group is not None:
+            dist.all_reduce(stats, group=group)  # counts are not differentiable: no autograd here
+        n = stats[E].to(compute).clamp_min(1)
+        frac = stats[:E].to(compute) / (n * top_k)
+        mean_prob = probs.sum(0) / n
+        z_loss = z.sum() / n
     lb_loss = E * (frac * mean_prob).sum()
-    z_loss = torch.logsumexp(lg, dim=-1).square().sum() / max(T, 1)
     return RouteOutput(
         weights.to(torch.float32),
         idx.to(torch.int32),
@@ -117,6 +145,8 @@ def route(
     score: str = "softmax",
     bias: torch.Tensor | None = None,
     renormalize: bool = True,
+    token_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
     impl: str | None = None,
 ) -> RouteOutput:
     """Pick ``top_k`` experts per token and return their gate weights and the balance statistics.
@@ -130,6 +160,12 @@ def route(
             balancing); it changes which experts are chosen, never the gate weights, and gets no
             gradient.
         renormalize: divide the k gate weights of each token by their sum.
+        token_mask: optional (T,) bool on logits' device: the tokens the balance statistics and
+            ``tokens_per_expert`` count (padding rows False). Every token is routed either way.
+        group: optional process group whose ranks hold pieces of one batch: the statistics cover
+            the counted tokens of every rank and the losses returned are this rank's share (they
+            sum over the group to the whole batch's losses). A collective: every rank of the group
+            calls it. No host synchronisation.
         impl: "ref" or "auto" (only the reference exists; see seedvl_kernels._dispatch).
 
     Returns:
@@ -156,9 +192,17 @@ def route(
         _validate.ndim("bias", bias, 1, "(E,)")
         _validate.dim_size("bias", bias, 0, num_experts, "E, the experts of logits")
         _validate.dtype("bias", bias, DTYPES)
-    device = _validate.same_device({"logits": logits, "bias": bias})
+    if token_mask is not None:
+        _validate.tensor("token_mask", token_mask)
+        _validate.ndim("token_mask", token_mask, 1, "(T,)")
+        _validate.dim_size("token_mask", token_mask, 0, logits.shape[0], "T, the tokens of logits")
+        if token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask: expected a bool tensor, got {token_mask.dtype}")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a torch.distributed ProcessGroup, got {type(group).__name__}")
+    device = _validate.same_device({"logits": logits, "bias": bias, "token_mask": token_mask})
     _dispatch.resolve(OP, impl, device, logits.dtype)
-    return route_ref(logits, top_k, score, bias, renormalize)
+    return route_ref(logits, top_k, score, bias, renormalize, token_mask, group)
 
 
 def update_router_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
