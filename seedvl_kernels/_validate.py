@@ -1,7 +1,23 @@
-"""Argument checks shared by the ops. Each raises ValueError/TypeError naming the argument."""
+"""Argument checks shared by the ops. Each raises ValueError/TypeError naming the argument.
+
+One helper per kind of argument, so that every op enforces the same rules for it:
+
+* data tensors: :func:`tensor`, :func:`ndim`, :func:`dtype`, :func:`last_dim_contiguous`, ...;
+* index tensors (``cu_seqlens``, ``offsets``): :func:`cu_seqlens` -- int32, 1-D, contiguous, and
+  (on CPU) starting at 0 and non-decreasing;
+* bias vectors: :func:`bias_vector` -- 1-D, the data's dtype, contiguous;
+* host scalars: :func:`host_float` -- a real Python/NumPy number (not a tensor, not a bool) inside
+  the argument's range, NaN and inf refused unless the range says otherwise.
+
+Index tensors and bias vectors are small (O(B) and O(N) elements), and every kernel -- Triton and
+CUDA -- reads them with unit stride, so a strided view is refused with a message rather than
+threaded through each kernel as strides; ``.contiguous()`` on the caller's side costs nothing.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -53,8 +69,51 @@ def with_last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def cu_seqlens(name: str, cu: torch.Tensor, total: int | None = None) -> None:
-    """int32 (B+1,) on the data's device, starting at 0; values checked only on CPU (no GPU sync).
+def contiguous_vector(name: str, t: torch.Tensor) -> None:
+    """A 1-D tensor that the kernels read with unit stride (see the module docstring)."""
+    if t.numel() > 1 and t.stride(0) != 1:
+        raise ValueError(
+            f"{name}: expected a contiguous 1-D tensor (stride 1; the kernels read it with unit stride), "
+            f"got stride {t.stride(0)}; pass {name}.contiguous()"
+        )
+
+
+def bias_vector(
+    name: str, b: object, size: int, dim: str, what: str, ref_name: str, ref: torch.Tensor
+) -> torch.Tensor:
+    """A ({dim},) = (size,) bias in the dtype of ``ref``, contiguous; ``what`` says where size comes from."""
+    tensor(name, b)
+    ndim(name, b, 1, f"({dim},)")
+    dim_size(name, b, 0, size, what)
+    same_dtype(name, b, ref_name, ref)
+    contiguous_vector(name, b)
+    return b
+
+
+def host_float(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    what: str = "a host float",
+) -> float:
+    """``value`` as a Python float: a real number (not a tensor: reading one would sync with the
+    device; not a bool), finite, and >= ``low`` (> ``low`` unless ``low_inclusive``)."""
+    if isinstance(value, (torch.Tensor, bool)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite value ({what}), got {v}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{name}: expected {what} {bound}, got {v}")
+    return v
+
+
+def cu_seqlens(name: str, cu: object, total: int | None = None) -> None:
+    """An index tensor of offsets: int32 (B+1,) on the data's device, contiguous, starting at 0,
+    non-decreasing; values checked only on CPU (no GPU sync).
 
     ``total`` is the number of rows of the packed tensor; the last offset may be smaller (the rest
     are padding rows) but not larger.
@@ -64,6 +123,7 @@ def cu_seqlens(name: str, cu: torch.Tensor, total: int | None = None) -> None:
         raise TypeError(f"{name}: expected int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name}: expected shape (B+1,) with B >= 0, got {tuple(cu.shape)}")
+    contiguous_vector(name, cu)
     if cu.device.type == "cpu" and not _is_fake(cu):
         if int(cu[0]) != 0:
             raise ValueError(f"{name}: must start at 0, got {int(cu[0])}")

@@ -242,8 +242,9 @@ def grouped_gemm(
         a: (M, K) float32/float16/bfloat16/float64 (float64: reference only), last dim contiguous;
             rows grouped by ``offsets``, rows past offsets[-1] are padding.
         b: (E, K, N), or (E, N, K) with ``trans_b``, a's dtype and device, last dim contiguous.
-        offsets: (E+1,) int32 on a's device, offsets[0] = 0, non-decreasing, offsets[-1] <= M
-            (values checked for CPU tensors only; a GPU check would sync). Empty groups are legal.
+        offsets: (E+1,) int32 on a's device, contiguous (every kernel reads it with unit stride; a
+            strided view raises), offsets[0] = 0, non-decreasing, offsets[-1] <= M (values
+            checked for CPU tensors only; a GPU check would sync). Empty groups are legal.
         trans_b: multiply by b[e]^T (b stored (E, N, K), as in nn.Linear weights).
         impl: "ref", "triton" (float32/float16/bfloat16), "cuda" (bfloat16 on sm_90, K and N
             multiples of 8) or "auto" (see seedvl_kernels._dispatch).
@@ -251,7 +252,13 @@ def grouped_gemm(
     Returns:
         (M, N) in a's dtype, zero in padding rows; fp32 accumulation. Differentiable in a and b
         (padding rows get zero gradient, empty groups a zero dB slice). Only the reference syncs
-        with the host (it reads ``offsets.tolist()`` inside the custom op).
+        with the host (it reads ``offsets.tolist()`` inside the custom op). Non-finite values
+        propagate as in a matmul, within a group: a NaN/inf in a row of a poisons that output row,
+        one in b[e] the columns it reaches of group e's rows; padding rows stay zero.
+
+    Raises:
+        TypeError/ValueError naming the argument for bad input; ImplUnavailableError for an explicit
+        ``impl`` that cannot serve the call.
     """
     _validate.tensor("a", a)
     _validate.tensor("b", b)

@@ -12,7 +12,8 @@ the hidden width; exact GELU is the LLaVA/Qwen2-VL adapter's and the ViT's own a
 
 Layout. w1 is (C, F) and w2 is (F, C_out), "in x out", so the math reads x @ w. An ``nn.Linear``
 stores (out, in): pass ``linear.weight.t()`` (a column-major view, accepted without a copy). Every
-weight must be row- or column-major (one unit stride); x must have a contiguous last dim.
+weight must be row- or column-major (one unit stride); x must have a contiguous last dim; the
+biases must be contiguous (the kernels read them with unit stride).
 
 Backward, with dy (N, C_out) and GELU'(h) = Phi(h) + h * phi(h), phi the normal density:
 
@@ -323,15 +324,23 @@ def pool_adapter(
             legal), rows in 2x2-window order (every 4 consecutive rows are one window), last dim
             contiguous.
         w1: (C, F) first layer, "in x out" (``nn.Linear(C, F).weight.t()``), row- or column-major.
-        b1: (F,) first bias.
+        b1: (F,) first bias, contiguous (the kernels read biases with unit stride; a strided view
+            raises).
         w2: (F, C_out) second layer, "in x out", row- or column-major.
-        b2: (C_out,) second bias.
+        b2: (C_out,) second bias, contiguous.
         impl: "ref", "triton" (float32/float16/bfloat16), "cuda" (float16/bfloat16; C, F, C_out
             multiples of 8) or "auto" (see seedvl_kernels._dispatch; auto passes over CUDA for
             shapes it does not take). All tensors share x's dtype and device.
 
     Returns:
-        (T/4, C_out) tensor in x's dtype. Differentiable in x, w1, b1, w2 and b2.
+        (T/4, C_out) tensor in x's dtype. Differentiable in x, w1, b1, w2 and b2. Non-finite
+        values propagate as in the two matmuls: a NaN/inf in a window of x poisons that output row,
+        one in w1, b1, w2 or b2 the output columns it reaches (every column, through GEMM-2, for
+        w1 and b1).
+
+    Raises:
+        TypeError/ValueError naming the argument for bad input; ImplUnavailableError for an explicit
+        ``impl`` that cannot serve the call.
     """
     _validate.tensor("x", x)
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
@@ -346,14 +355,12 @@ def pool_adapter(
     _validate.last_dim_contiguous("x", x)
     _validate.ndim("w1", w1, 2, "(C, F)")
     _validate.dim_size("w1", w1, 0, x.shape[1], "C, the channels of x")
-    _validate.ndim("b1", b1, 1, "(F,)")
-    _validate.dim_size("b1", b1, 0, w1.shape[1], "F, the columns of w1")
     _validate.ndim("w2", w2, 2, "(F, C_out)")
     _validate.dim_size("w2", w2, 0, w1.shape[1], "F, the columns of w1")
-    _validate.ndim("b2", b2, 1, "(C_out,)")
-    _validate.dim_size("b2", b2, 0, w2.shape[1], "C_out, the columns of w2")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        _validate.same_dtype(name, t, "x", x)
+    _validate.same_dtype("w1", w1, "x", x)
+    _validate.same_dtype("w2", w2, "x", x)
+    _validate.bias_vector("b1", b1, w1.shape[1], "F", "F, the columns of w1", "x", x)
+    _validate.bias_vector("b2", b2, w2.shape[1], "C_out", "C_out, the columns of w2", "x", x)
     _check_matrix_layout("w1", w1)
     _check_matrix_layout("w2", w2)
     device = _validate.same_device({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
