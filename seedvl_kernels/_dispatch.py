@@ -10,7 +10,9 @@ Precedence, first match wins:
 ``auto`` takes the fastest implementation that can serve the call's device and dtype (CUDA, then
 Triton, then the reference on a GPU; the reference on a CPU, since the Triton interpreter is only a
 test vehicle). An explicit choice that cannot serve a call raises :class:`ImplUnavailableError`
-with the reason; it never silently falls back.
+with the reason; it never silently falls back. What each implementation serves is declared once
+per backend in :mod:`seedvl_kernels._backends` (for example: under ``TRITON_INTERPRET=1`` no Triton
+kernel that uses ``tl.dot`` serves bfloat16, which the interpreter multiplies wrongly).
 
 The choice is made on the host from tensor metadata, so under ``torch.compile`` it is fixed when
 the graph is traced.

@@ -9,7 +9,15 @@ Math (interoperable with the Qwen2-VL vision RoPE). For x of shape (T, H, D) and
     out_(i+D/2) = x_(i+D/2) * cos(angle_i) + x_i * sin(angle_i)
 
 i.e. dim i rotates with dim i + D/2 ("rotate_half", non-interleaved). Math is in fp32; the
-frequencies are computed in float64 and rounded to fp32 once, by every implementation.
+frequencies are computed in float64 and rounded to fp32 once, by every implementation, and each
+angle is the fp32 product fp32(row or col) * f_i.
+
+theta is a finite host float >= 1, so that every frequency lies in (0, 1] and every angle is
+finite (a base below 1 would give frequencies up to 1/theta, which overflow fp32 for tiny bases).
+
+Non-finite values: the rotation is elementwise per (token, pair of dims), so a NaN or inf in x
+makes only the two output dims it is rotated into NaN/inf (inf * sin(0) = NaN); other dims,
+heads and tokens are unaffected.
 
 Backward: a rotation's adjoint is its inverse, so dx = rope_2d(dy) with the angles negated. Nothing
 but pos_hw is saved.
@@ -39,6 +47,11 @@ def inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") ->
     quarter = head_dim // 4
     j = torch.arange(quarter, dtype=torch.float64, device=device)
     return (1.0 / theta ** (j / quarter)).to(torch.float32)
+
+
+def check_theta(name: str, value: object) -> float:
+    """The RoPE base as a float: a finite host float >= 1 (see the module docstring)."""
+    return _validate.host_float(name, value, low=1.0, what="a finite host float (the RoPE base)")
 
 
 def rope_2d_angles(
@@ -156,7 +169,7 @@ def _launch_cuda(
 
 _LAUNCH = {"ref": _launch_ref, "triton": _launch_triton, "cuda": _launch_cuda}
 _dispatch.register(OP, "ref", _backends.ref_support)
-_dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES))
+_dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES, uses_dot=False))  # elementwise
 _dispatch.register(OP, "cuda", _backends.cuda_support_for(OP, DTYPES))
 
 
@@ -208,14 +221,20 @@ def rope_2d(
 
     Args:
         x: (T, H, D) float32/float16/bfloat16 (float64: reference only), D a multiple of 4,
-            last dim contiguous (a strided view such as q of a fused qkv is fine).
-        pos_hw: (T, 2) int32, (row, col) of each patch inside its image, on x's device.
-        theta: RoPE base.
+            last dim contiguous; other strides are free (a strided view such as q of a fused qkv is
+            fine). T = 0 and H = 0 are legal.
+        pos_hw: (T, 2) int32, (row, col) of each patch inside its image, on x's device, any strides.
+        theta: RoPE base, a finite host float >= 1 (a Python or NumPy number, not a tensor).
         inverse: rotate by the negated angles (the adjoint; used by fused backward passes).
         impl: "ref", "triton", "cuda" or "auto" (see seedvl_kernels._dispatch).
 
     Returns:
-        (T, H, D) contiguous tensor in x's dtype. Differentiable in x.
+        (T, H, D) contiguous tensor in x's dtype. Differentiable in x. NaN/inf in x stay local to
+        the rotated pair of dims (see the module docstring).
+
+    Raises:
+        TypeError/ValueError naming the argument for bad input; ImplUnavailableError for an explicit
+        ``impl`` that cannot serve the call.
     """
     _validate.tensor("x", x)
     _validate.tensor("pos_hw", pos_hw)
@@ -228,6 +247,7 @@ def rope_2d(
     _validate.dtype("pos_hw", pos_hw, (torch.int32,))
     _validate.dim_size("pos_hw", pos_hw, 0, x.shape[0], "T, the tokens of x")
     _validate.dim_size("pos_hw", pos_hw, 1, 2, "(row, col)")
+    theta = check_theta("theta", theta)
     device = _validate.same_device({"x": x, "pos_hw": pos_hw})
     chosen = _dispatch.resolve(OP, impl, device, x.dtype)
-    return _rope_2d_op(x, pos_hw, float(theta), bool(inverse), chosen)
+    return _rope_2d_op(x, pos_hw, theta, bool(inverse), chosen)

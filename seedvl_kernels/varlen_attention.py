@@ -16,6 +16,14 @@ padding and give o = 0, lse = -inf; keys past cu_k[-1] are never read. With ``po
 first rotates q and k by rope_2d (see :mod:`seedvl_kernels.rope_2d`), rounding to the input dtype
 as a separately called rope_2d would; this needs q and k to share sequences.
 
+Non-finite values (every implementation). A row that sees no key (padding, an empty sequence, a
+causal row before the first visible key) gives o = 0 and lse = -inf, as does a row all of whose
+visible scores are -inf. A row with a NaN or +inf score (NaN/inf in q or k, or scores that overflow
+fp32 with huge inputs or softmax_scale) gives o = NaN and lse = NaN -- "the row is poisoned", never
+-inf, which means "saw no key". NaN/inf in v reach o through its weights, and may reach every row
+of the same sequence (a masked key still meets a zero weight, and 0 * inf is NaN); rows of other
+sequences are never affected.
+
 Backward, for output gradient dO and a gradient dlse into the log-sum-exp:
 
     dV = P^T dO                      dP = dO V^T
@@ -60,7 +68,7 @@ import torch
 
 from . import _backends, _dispatch, _validate
 from . import varlen_attention_triton as _triton
-from .rope_2d import rope_2d_ref
+from .rope_2d import check_theta, rope_2d_ref
 
 OP = "varlen_attention"
 DTYPES = _backends.FLOAT_DTYPES  # kernels
@@ -124,6 +132,9 @@ def varlen_attention_ref(
         qs = q[q0:q1].to(c).unflatten(1, (Hkv, Hq // Hkv))
         s = _scores(qs, k[k0:k1].to(c), scale, causal)
         row_lse = torch.logsumexp(s, dim=-1)  # (Hkv, G, Lq); -inf where no key is visible
+        # A +inf score (fp32 overflow) makes P = inf/inf = NaN: the row's lse is NaN too, like a
+        # NaN score's (the non-finite rule in the module docstring).
+        row_lse = row_lse.masked_fill(torch.isposinf(row_lse), float("nan"))
         o = torch.einsum("hgqk,khd->qhgd", _probs(s, row_lse), v[k0:k1].to(c))
         out[q0:q1] = o.flatten(1, 2)
         lse[:, q0:q1] = row_lse.flatten(0, 1)
@@ -371,12 +382,6 @@ _varlen_attention_fwd_op.register_autograd(_backward, setup_context=_setup_conte
 # ----------------------------------------------------------------------------- public function
 
 
-def _host_number(name: str, value: object) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a host float, got {type(value).__name__}")
-    return float(value)
-
-
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _validate.ndim(name, t, 3, "(T, Hq, D)" if name == "q" else "(Tk, Hkv, D)")
@@ -421,28 +426,36 @@ def varlen_attention(
         k: (Tk, Hkv, D) in q's dtype, Hq a multiple of Hkv (query head h reads KV head
             h // (Hq / Hkv)), last dim contiguous.
         v: (Tk, Hkv, D), like k.
-        cu_seqlens: (B+1,) int32 on q's device, query offsets: starts at 0, non-decreasing,
-            cu_seqlens[-1] <= T; rows past it are padding and come back as zeros (lse -inf).
+        cu_seqlens: (B+1,) int32 on q's device, contiguous (a strided view raises), query
+            offsets: starts at 0, non-decreasing, cu_seqlens[-1] <= T (values checked for CPU
+            tensors only); rows past it are padding and come back as zeros (lse -inf).
             Zero-length sequences are legal. Also the key offsets unless cu_seqlens_k is given.
         max_seqlen: host int >= the longest query sequence (computed once per batch by the
             packer; the op never reads it back from the device). Also for keys unless
             cu_seqlens_k is given.
-        cu_seqlens_k: (B+1,) int32 key offsets (cu_seqlens_k[-1] <= Tk), when keys are packed
+        cu_seqlens_k: (B+1,) int32 contiguous key offsets (cu_seqlens_k[-1] <= Tk), when keys are packed
             differently from queries; needs max_seqlen_k.
         max_seqlen_k: host int >= the longest key sequence; only with cu_seqlens_k.
         causal: mask aligned bottom-right: query i of a sequence with Lq queries and Lk keys sees
             key j iff j <= i + Lk - Lq. Queries that see no key give out 0 and lse -inf.
-        softmax_scale: host float multiplying q.k; default 1/sqrt(D).
-        pos_hw: (T, 2) int32 (row, col) of each token: applies rope_2d to q and k inside the op.
-            Needs keys packed like queries (no cu_seqlens_k, Tk == T) and D a multiple of 4.
-        rope_theta: RoPE base for pos_hw.
+        softmax_scale: finite host float multiplying q.k; default 1/sqrt(D).
+        pos_hw: (T, 2) int32 (row, col) of each token, any strides: applies rope_2d to q and k
+            inside the op. Needs keys packed like queries (no cu_seqlens_k, Tk == T) and D a
+            multiple of 4.
+        rope_theta: RoPE base for pos_hw, a finite host float >= 1 (checked with or without pos_hw).
         return_lse: also return the log-sum-exp of the scaled scores.
         impl: "ref", "triton" or "auto" (see seedvl_kernels._dispatch). The Triton kernels take
             float32/float16/bfloat16, head dims up to 256 and softmax_scale >= 0.
 
     Returns:
         out (T, Hq, D) in q's dtype and, with return_lse, lse (Hq, T) float32 (float64 for
-        float64 inputs). Differentiable in q, k, v, through out and lse.
+        float64 inputs). Differentiable in q, k, v, through out and lse. lse is -inf for a row
+        that sees no key (out 0 there) and NaN for a row with a NaN or +inf score (out NaN there);
+        see "Non-finite values" in the module docstring.
+
+    Raises:
+        TypeError/ValueError naming the argument for bad input; ImplUnavailableError for an explicit
+        ``impl`` that cannot serve the call.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
         _validate.tensor(name, t)
@@ -488,7 +501,10 @@ def varlen_attention(
             )
         if D % 4 != 0:
             raise ValueError(f"pos_hw: rope_2d needs the head dim D to be a multiple of 4, got {D}")
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else _host_number("softmax_scale", softmax_scale)
+    scale = (
+        1.0 / math.sqrt(D) if softmax_scale is None else _validate.host_float("softmax_scale", softmax_scale)
+    )
+    rope_theta = check_theta("rope_theta", rope_theta)
     chosen = _dispatch.resolve(OP, impl, device, q.dtype)
     out, lse, _, _ = _varlen_attention_fwd_op(
         q,
@@ -501,7 +517,7 @@ def varlen_attention(
         bool(causal),
         scale,
         pos_hw,
-        _host_number("rope_theta", rope_theta),
+        rope_theta,
         chosen,
     )
     return (out, lse) if return_lse else out

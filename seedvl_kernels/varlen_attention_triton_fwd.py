@@ -45,7 +45,8 @@ def _fwd_blocks(
             p = tl.exp2(s - m_use[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0 (checked by the launcher)
-            m_use = m_new
+            # Scores can still be -inf here (fp32 overflow of huge inputs): such keys weigh 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -132,10 +133,12 @@ def _varlen_attention_fwd_kernel(
         acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, n_full, n_end, lk - lq,
         qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
     )  # fmt: skip
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # l_i is exactly 0 for a row that saw no key (or only -inf scores): out 0, lse -inf. A NaN or
+    # +inf score makes l_i NaN, which must stay NaN in lse rather than read as "no key".
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = out_ptr + rows_q * stride_o_t + head * stride_o_h + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
     tl.store(lse_ptr + head * stride_lse_h + q0 + offs_m, lse, mask=m_valid)
