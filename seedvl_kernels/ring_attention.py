@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -92,10 +93,42 @@ class ZigzagShard(NamedTuple):
     max_seqlen: int  # longest local document (2 * max c_b)
 
 
-def _host_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+def _host_lengths(cu_seqlens: object) -> list[int]:
     _validate.cu_seqlens("cu_seqlens", cu_seqlens)
+    if cu_seqlens.device.type == "meta":
+        raise ValueError(
+            "cu_seqlens: expected a tensor with values (the helpers read it on the host), got meta"
+        )
     cu = cu_seqlens.tolist()
     return [e - s for s, e in itertools.pairwise(cu)]
+
+
+def _tensor_list(name: str, value: object) -> list[torch.Tensor]:
+    """A sequence of tensors (a bare tensor is refused: iterating it would yield its rows)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a list or tuple of tensors, got {type(value).__name__}")
+    return [_validate.tensor(f"{name}[{i}]", t) for i, t in enumerate(value)]
+
+
+def _pad_value(name: str, value: object, dtype: torch.dtype) -> float | int | bool:
+    """``value`` if a tensor of ``dtype`` holds it exactly (masked_fill would truncate 0.5 to 0 in an
+    integer tensor), else TypeError/ValueError."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Number):
+        raise TypeError(f"{name}: expected a host number, got {type(value).__name__}")
+    if dtype.is_floating_point or dtype.is_complex:
+        if isinstance(value, complex) and not dtype.is_complex:
+            raise TypeError(f"{name}: expected a real number for a {dtype} tensor, got {value!r}")
+        return value
+    if dtype == torch.bool:
+        if value not in (0, 1):
+            raise ValueError(f"{name}: expected a bool (or 0/1) for a bool tensor, got {value!r}")
+        return bool(value)
+    info = torch.iinfo(dtype)
+    if not isinstance(value, numbers.Integral) or not info.min <= value <= info.max:
+        raise ValueError(
+            f"{name}: expected an integer in [{info.min}, {info.max}] for a {dtype} tensor, got {value!r}"
+        )
+    return int(value)
 
 
 def _check_cp(cp_size: object, rank: object | None = None) -> None:
@@ -136,22 +169,32 @@ def zigzag_shard(
         ids, pos, labels = zigzag_shard([ids, pos, labels], cu, cp, r, pad_values=[0, 0, -100]).tensors
 
     Args:
-        tensors: each (T, ...) on any device, T >= cu_seqlens[-1]; rows past cu_seqlens[-1] are dropped.
-        cu_seqlens: (B+1,) int32 document offsets (read on the host: a sync if it lives on a GPU).
+        tensors: a list or tuple (not a bare tensor) of tensors, each (T, ...) on any device (meta
+            included), T >= cu_seqlens[-1]; rows past cu_seqlens[-1] are dropped.
+        cu_seqlens: (B+1,) int32 contiguous document offsets with values (not meta; read on the
+            host: a sync if it lives on a GPU).
         cp_size: context-parallel ranks; rank: this rank's index in the context-parallel group.
-        pad_values: the value of padding rows, one for all tensors or one per tensor (labels: -100).
+        pad_values: the value of padding rows, one for all tensors or one per tensor (labels: -100);
+            each must fit its tensor's dtype exactly (an int in range for integer tensors, 0/1 for
+            bool), else TypeError/ValueError.
     Returns:
         ZigzagShard(tensors, cu_seqlens (B+1,) int32 local offsets on cu_seqlens' device, max_seqlen).
     """
+    tensors = _tensor_list("tensors", tensors)
     _check_cp(cp_size, rank)
     lengths = _host_lengths(cu_seqlens)
-    pads = [pad_values] * len(tensors) if isinstance(pad_values, (int, float)) else list(pad_values)
-    if len(pads) != len(tensors):
-        raise ValueError(f"pad_values: expected one value or {len(tensors)}, got {len(pads)}")
+    if isinstance(pad_values, Sequence) and not isinstance(pad_values, str):
+        if len(pad_values) != len(tensors):
+            raise ValueError(f"pad_values: expected one value or {len(tensors)}, got {len(pad_values)}")
+        pads = [
+            _pad_value(f"pad_values[{i}]", p, t.dtype)
+            for i, (p, t) in enumerate(zip(pad_values, tensors, strict=True))
+        ]
+    else:
+        pads = [_pad_value("pad_values", pad_values, t.dtype) for t in tensors]
     rows, local = _zigzag_rows(lengths, cp_size, rank)
     shards = []
     for i, t in enumerate(tensors):
-        _validate.tensor(f"tensors[{i}]", t)
         if t.dim() == 0 or t.shape[0] < sum(lengths):
             raise ValueError(
                 f"tensors[{i}]: expected (T, ...) with T >= cu_seqlens[-1] = {sum(lengths)}, "
@@ -168,21 +211,25 @@ def zigzag_unshard(shards: Sequence[torch.Tensor], cu_seqlens: torch.Tensor) -> 
     """Inverse of zigzag_shard: the per-rank shards (in rank order) back in the original packing.
 
     Args:
-        shards: cp_size tensors (T_local, ...), as zigzag_shard laid them out (rows past the local
-            cu_seqlens[-1] are ignored).
-        cu_seqlens: (B+1,) int32 original document offsets.
+        shards: a list or tuple of cp_size tensors (T_local, ...) of one dtype and device, as
+            zigzag_shard laid them out (rows past the local cu_seqlens[-1] are ignored).
+        cu_seqlens: (B+1,) int32 contiguous original document offsets with values (not meta).
     Returns:
         (cu_seqlens[-1], ...) tensor; the padding rows are dropped.
     """
+    shards = _tensor_list("shards", shards)
     if len(shards) == 0:
         raise ValueError("shards: expected one tensor per context-parallel rank, got none")
     lengths = _host_lengths(cu_seqlens)
-    first = _validate.tensor("shards[0]", shards[0])
+    first = shards[0]
+    if first.dim() == 0:
+        raise ValueError("shards[0]: expected (T_local, ...) rows of a zigzag shard, got a 0-dim tensor")
     out = first.new_empty((sum(lengths), *first.shape[1:]))
     for rank, shard in enumerate(shards):
         rows, _ = _zigzag_rows(lengths, len(shards), rank)
-        _validate.tensor(f"shards[{rank}]", shard)
-        if shard.shape[0] < rows.numel() or shard.shape[1:] != first.shape[1:]:
+        _validate.same_dtype(f"shards[{rank}]", shard, "shards[0]", first)
+        _validate.same_device({"shards[0]": first, f"shards[{rank}]": shard})
+        if shard.dim() == 0 or shard.shape[0] < rows.numel() or shard.shape[1:] != first.shape[1:]:
             raise ValueError(
                 f"shards[{rank}]: expected ({rows.numel()}, {', '.join(map(str, first.shape[1:]))}) rows "
                 f"of a zigzag shard, got shape {tuple(shard.shape)}"
@@ -499,10 +546,8 @@ def ring_attention(
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(q.shape[2])
-    elif isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool):
-        scale = float(softmax_scale)
     else:
-        raise TypeError(f"softmax_scale: expected a host float, got {type(softmax_scale).__name__}")
+        scale = _validate.host_float("softmax_scale", softmax_scale)
     chosen = _dispatch.resolve(VARLEN_OP, impl, device, q.dtype)
     fn = _RingAttention if mode == "ring" else _AllGatherAttention
     out, lse = fn.apply(q, k, v, cu_seqlens, max_seqlen, group, bool(causal), scale, chosen)
