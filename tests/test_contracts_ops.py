@@ -62,10 +62,12 @@ def impls(op: str) -> list[str]:
     ]
 
 
-def isolated(request: pytest.FixtureRequest, impl: str = "triton") -> bool:
-    """True in the parent for a kernel implementation: the test ran in a child process (and passed),
-    so the caller returns. False in the child, or for the reference: the caller runs the body."""
-    if impl == "ref" or os.environ.get(CHILD_ENV) == "1":
+def isolated(request: pytest.FixtureRequest, impl: str = "triton", *, always: bool = False) -> bool:
+    """True in the parent for a kernel implementation (or ``always``): the test ran in a child
+    process (and passed), so the caller returns. False in the child, or for the reference: the
+    caller runs the body. Call it first in a test that draws everything inside (``st.data()``):
+    the parent then runs one example, which starts one child."""
+    if (impl == "ref" and not always) or os.environ.get(CHILD_ENV) == "1":
         return False
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", request.node.nodeid]
     proc = subprocess.run(
