@@ -135,6 +135,9 @@ def moe_ffn(
 
     Returns:
         (T, D) in x's dtype. Differentiable in x, gate_weights, w_gate_up and w_down.
+        gate_weights and expert_ids may have any strides. Non-finite values propagate per token: a
+        NaN/inf in x[t] or gate_weights[t] reaches out[t] only; one in an expert's weights reaches
+        the tokens routed to that expert.
     """
     _validate.tensor("x", x)
     _validate.ndim("x", x, 2, "(T, D)")

@@ -202,7 +202,8 @@ def moe_permute(
         x_perm (T*k, D) in x's dtype, differentiable in x (backward sums the k copies of each
         token in slot order); offsets (E+1,) int32 on the device, rows offsets[e]:offsets[e+1]
         belong to expert e; row_map (T*k,) int32 with row_map[r] = t*k + j, the (token, slot) that
-        permuted row r came from. No host synchronisation.
+        permuted row r came from. No host synchronisation. Any strides; values (NaN/inf
+        included) are copied, never inspected.
     """
     _validate.tensor("x", x)
     _validate.ndim("x", x, 2, "(T, D)")

@@ -525,7 +525,9 @@ def ring_attention(
     Returns:
         out (T, Hq, D) in q's dtype and, with return_lse, lse (Hq, T) float32 (float64 for float64).
         Differentiable in q, k, v (through out and lse); dk/dv are this rank's keys' gradients
-        summed over every rank's queries.
+        summed over every rank's queries. cu_seqlens must be contiguous. Non-finite values follow
+        varlen_attention's rule: lse -inf for a row that sees no key (out 0), NaN for a row with a
+        NaN or +inf score (out NaN); the fp32 merge keeps both (a NaN block poisons the row).
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
         _validate.tensor(name, t)
