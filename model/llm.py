@@ -165,8 +165,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden, 2 * cfg.moe_ffn_dim))
         self.w_down = nn.Parameter(torch.empty(cfg.num_experts, cfg.moe_ffn_dim, cfg.hidden))
-        for w in (self.w_gate_up, self.w_down):
-            _normal_(w)
+        # Initialised by MoE, which owns the order of the random draws.
 
     def forward(self, x: torch.Tensor, gate_weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), gate_weights (T, k) fp32, expert_ids (T, k) int32 -> (T, D)."""
@@ -192,9 +191,12 @@ class MoE(nn.Module):
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.top_k, self.score, self.renormalize = cfg.top_k, cfg.router_score, cfg.router_renormalize
-        self.router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
-        _normal_(self.router.weight)
+        router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
+        # Experts registered first: parameter order (and so the optimizer's) stays experts, router.
         self.experts = RoutedExperts(cfg)
+        self.router = router
+        for w in (self.router.weight, self.experts.w_gate_up, self.experts.w_down):
+            _normal_(w)
         shared = cfg.num_shared_experts * cfg.moe_ffn_dim
         self.shared = SwiGLU(cfg.hidden, shared) if shared else None
 

@@ -17,7 +17,7 @@ from trainer.data.packer import IGNORE_INDEX, SamplePool, pack, plan_bins
 from trainer.data.spatial import SpatialDataset
 from trainer.data.stream import BatchStream, Position
 from trainer.data.tokenizer import ByteTokenizer
-from trainer.loop import build_model_config, forward_loss
+from trainer.loop import build_model_config, micro_batch_loss
 
 TOK = ByteTokenizer()
 
@@ -133,7 +133,9 @@ def test_packed_loss_equals_unpacked():
         logits, ce_packed = logits_and_ce(packed)
         assert_close(
             ce_packed,
-            forward_loss(model, packed, vit_frozen=True)[0],
+            micro_batch_loss(model(**packed.model_inputs()), packed.labels, targets=1, accum=1, llm=cfg.llm)[
+                0
+            ],
             "trainer CE",
             atol=0,
             rtol=0,

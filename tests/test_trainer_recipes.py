@@ -58,7 +58,8 @@ def test_lr_schedules():
 def test_scaling_to_presets():
     tok = ByteTokenizer()
     tiny = scale_to(get_recipe("vlm"), build_model_config("seedvl-tiny", tok))
-    assert [s.seq_len for s in tiny] == [1024, 1024, 4096, 4096]
+    # the CPU-scale budget of 1,024/4,096 tokens per step, as 2 micro-batches (dp=2 runs it too)
+    assert [(s.accum, s.seq_len) for s in tiny] == [(2, 512), (2, 512), (2, 2048), (2, 2048)]
     assert tiny[1].lr_max == pytest.approx(5.22e-5 * 64) and tiny[3].lr_min == pytest.approx(2e-6 * 64)
     big = scale_to(get_recipe("vlm"), get_preset("seedvl-qwen3-235b-a22b"))
     assert big == get_recipe("vlm"), "the reference width gets the paper's values"

@@ -7,11 +7,17 @@ A checkpoint is a directory ``<root>/step_<8 digits>`` holding the DCP files of
     rng       torch's CPU (and CUDA) generator states
     trainer   JSON: step, stage, stage step, data positions, the LR scheduler's state, run config
 
-plus ``meta.json`` (the same trainer JSON, for people). It is written into ``<root>/.tmp-...`` and
-renamed into place only when complete, then ``<root>/latest`` is replaced (write + os.replace) to
-name it, so a crash mid-save leaves the previous checkpoint intact and ``latest`` pointing at it;
+plus ``meta.json`` (the same trainer JSON, for people). It is written into ``<root>/.tmp-step_N``
+and renamed into place only when complete, then ``<root>/latest`` is replaced (write + os.replace)
+to name it, so a crash mid-save leaves the previous checkpoint intact and ``latest`` pointing at it;
 leftover ``.tmp-*`` directories are removed by the next save. Only the newest ``keep`` are kept.
-DCP writes one file per rank, so the same code saves a sharded (FSDP2) model across ranks.
+
+Under torch.distributed every rank calls :meth:`Checkpointer.save` and :meth:`Checkpointer.load`
+(they are collectives). Every rank writes its own shard (``__<rank>_0.distcp``) into the one
+temporary directory; rank 0 writes DCP's metadata and, once every rank has finished (a barrier),
+``meta.json``, commits the directory by renaming it and moves ``latest``. DCP stores each tensor's
+global shape and every shard's offsets, so a checkpoint loads under any other layout (resharding),
+single process included. The RNG states saved are rank 0's (every rank is seeded alike).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -55,6 +62,15 @@ def _single_process_ok():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         yield
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,28 +111,33 @@ class Checkpointer:
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict
     ) -> Path:
-        """Write the checkpoint of ``step`` atomically; returns its directory."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        """Write the checkpoint of ``step`` atomically; returns its directory. Every rank calls it."""
         final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self.root / f".tmp-{final.name}"
+        if _is_rank0():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
         meta = json.dumps(trainer_state, indent=1, sort_keys=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state(), "trainer": meta}
         with _single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp))
-        (tmp / "meta.json").write_text(meta + "\n")
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. resumed at a stage end): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer_tmp = self.root / f".{LATEST}.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, self.root / LATEST)
-        _fsync_dir(self.root)
-        for old in self.complete()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _barrier()  # every rank's shard is on disk
+        if _is_rank0():
+            (tmp / "meta.json").write_text(meta + "\n")
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. resumed at a stage end): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer_tmp = self.root / f".{LATEST}.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, self.root / LATEST)
+            _fsync_dir(self.root)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()  # committed: every rank sees the same latest checkpoint
         return final
 
     @staticmethod

@@ -108,6 +108,19 @@ class RunLog:
         self._file.close()
 
 
+class NullRunLog:
+    """What ranks other than 0 log: nothing (rank 0 writes the run's logs)."""
+
+    def step(self, record: dict) -> None:
+        pass
+
+    def event(self, name: str, **data) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_steps(path: Path) -> list[dict]:
     """Step records of a log.jsonl, the last one of each step (a resumed run re-logs some), by step."""
     by_step: dict[int, dict] = {}

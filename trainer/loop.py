@@ -6,7 +6,8 @@ step. A frozen ViT runs under no_grad (nothing upstream needs its gradient); a f
 runs backward, because the adapter's gradient passes through it.
 
 The loss is the cross-entropy summed over the step's target tokens divided by their number (over
-all micro-batches), plus the MoE balance and z-losses scaled by the config's coefficients. Each step
+all micro-batches, on all ranks), plus the MoE balance and z-losses scaled by the config's
+coefficients and averaged over the step's micro-batches (:func:`micro_batch_loss`). Each step
 is wrapped in NVTX ranges (``forward``, ``backward``, ``optimizer``; torch profiler
 record_function ranges as well), and ``profile_steps`` records steps a..b with the torch profiler,
 or brackets them with cudaProfilerStart/Stop for ``nsys --capture-range=cudaProfilerApi``.
@@ -17,6 +18,13 @@ Checkpoints (trainer.checkpoint) carry the model, the optimizer, the scheduler, 
 and the RNG states; resuming rebuilds the stage's optimizer, loads them, and continues with the
 batch after the last one trained, so a resumed run repeats an uninterrupted one's losses exactly in
 deterministic mode.
+
+Under torchrun (``--parallel dp=D,cp=C,ep=E``) every rank builds the same single-device model, and
+trainer.parallel applies the layout to it. A step's ``accum`` micro-batches are the global batch:
+dp rank r takes every dp-th of them (trainer.data.stream), the cp ranks of a dp replica each take
+a zigzag shard of the same ones, and one all-reduce of the step's counts makes the loss
+normaliser global, so a step's loss and gradients do not depend on the layout. Rank 0 alone writes
+logs; every rank writes its checkpoint shard.
 """
 
 from __future__ import annotations
@@ -32,13 +40,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from model.config import VLMConfig, get_preset
+from model.config import LLMConfig, VLMConfig, get_preset
+from model.llm import LLMOutput
 from model.preprocess import FACTOR, MAX_PIXELS
 from model.vlm import SeedVLM
 
-from . import logs
+from . import logs, parallel
 from .checkpoint import Checkpointer
 from .data.chat import EncodeConfig, SkipLog
 from .data.packer import IGNORE_INDEX, PackedBatch
@@ -76,6 +87,9 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True
     prefetch: int = 2
+    parallel: str | None = None  # "dp=D,cp=C,ep=E" under torchrun; None: dp = the world size
+    mixed_precision: str = "auto"  # "auto" (bf16 on GPUs under FSDP, else fp32), "bf16", "fp32"
+    pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
 
 
 class SetupError(RuntimeError):
@@ -115,9 +129,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, stage: Stage) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, stage: Stage, *, foreach: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. ``foreach=False`` when parameters live on more than one
+    device mesh (expert parallelism): a multi-tensor kernel cannot mix DTensors of two meshes."""
     return torch.optim.AdamW(
-        param_groups(model, stage.weight_decay), lr=stage.lr_max, betas=stage.betas, eps=1e-8
+        param_groups(model, stage.weight_decay), lr=stage.lr_max, betas=stage.betas, eps=1e-8, foreach=foreach
     )
 
 
@@ -130,27 +148,31 @@ def stage_scheduler(optimizer: torch.optim.Optimizer, stage: Stage) -> torch.opt
 # ----------------------------------------------------------------------------- one step
 
 
-def forward_loss(
-    model: SeedVLM, batch: PackedBatch, *, vit_frozen: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed CE over the batch's targets, load-balancing loss, z-loss) of one packed batch."""
-    visual = None
-    if batch.num_images:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not vit_frozen):
-            feats = model.vit(batch.patches, batch.pos_hw, batch.vit_cu_seqlens, batch.vit_max_seqlen)
-        visual = model.adapter(feats)
-    embeds = model.embed(batch.input_ids, visual)
-    out = model.llm(None, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, inputs_embeds=embeds)
-    ce = F.cross_entropy(out.logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce, out.load_balancing_loss, out.router_z_loss
+def micro_batch_loss(
+    out: LLMOutput, labels: torch.Tensor, *, targets: int, accum: int, llm: LLMConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed CE over this micro-batch's targets, its share of the step's loss to backpropagate).
+
+    ``targets`` is the step's target count over every micro-batch of every rank and ``accum`` the
+    step's micro-batches (the global batch), so the shares of all micro-batches and ranks sum to
+    CE / targets + mean over micro-batches of (aux * balance loss + z * z-loss): the step's loss,
+    whatever the layout. Under context parallelism the balance losses are already this rank's
+    share of its micro-batch's (model.llm.MoE).
+    """
+    ce = F.cross_entropy(out.logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    aux = llm.aux_loss_coef * out.load_balancing_loss + llm.z_loss_coef * out.router_z_loss
+    return ce, ce / targets + aux / accum
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def _device(spec: str) -> torch.device:
+def _device(spec: str, local_rank: int | None = None) -> torch.device:
+    """The device of this process; under torchrun "auto" and "cuda" mean cuda:LOCAL_RANK."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and local_rank is not None:
+        spec = f"cuda:{local_rank}"
     return torch.device(spec)
 
 
@@ -190,10 +212,16 @@ def _check_resume(saved: dict, current: dict, path: Path) -> None:
             )
 
 
-def prepare_out_dir(cfg: RunConfig) -> Path:
+def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
+    """The run's output directory; refuses to mix runs. With ``write`` False only checks (the ranks
+    other than 0 of a distributed run, which must not race rank 0's deletions)."""
     out = cfg.out if cfg.out is not None else Path("runs") / f"{cfg.recipe.replace(',', '+')}-{cfg.preset}"
     ckpts = Checkpointer(out / "checkpoints")
     previous = ckpts.latest() is not None or (out / "log.jsonl").exists()
+    if not write:
+        if previous and not (cfg.overwrite or cfg.resume):
+            raise SetupError(f"{out} holds a previous run; pass --resume, --overwrite or another --out")
+        return out
     if previous and cfg.overwrite:
         for name in ("checkpoints", "tensorboard", "profile"):
             shutil.rmtree(out / name, ignore_errors=True)
@@ -213,9 +241,32 @@ class Run:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.out = prepare_out_dir(cfg)
-        logs.setup_logging(self.out)
-        self.device = _device(cfg.device)
+        try:
+            dims = parallel.ParallelDims.parse(cfg.parallel)
+        except parallel.LayoutError as err:
+            raise SetupError(str(err)) from err
+        self.distributed = parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+        if not self.distributed and dims.enabled:
+            raise SetupError(
+                f"--parallel {dims} needs {dims.world_size} processes: launch with "
+                f"torchrun --nproc-per-node={dims.world_size} trainer/run.py ..."
+            )
+        local_rank = int(os.environ["LOCAL_RANK"]) if self.distributed else None
+        self.device = _device(cfg.device, local_rank)
+        self.meshes: parallel.Meshes | None = None
+        self.rank = 0
+        if self.distributed:
+            parallel.init_distributed(self.device, cfg.pg_timeout)
+            self.rank = dist.get_rank()
+            if cfg.parallel is None:  # plain data parallelism over the whole world
+                dims = parallel.ParallelDims(dp=dist.get_world_size())
+        self.dims = dims
+        self.out = prepare_out_dir(cfg, write=False)
+        if self.distributed:
+            dist.barrier()  # every rank has checked the directory before rank 0 changes it
+        if self.rank == 0:
+            prepare_out_dir(cfg)
+            logs.setup_logging(self.out)
         self.skips = SkipLog(logging.getLogger("trainer.data"))
         try:
             self.tok = load_tokenizer(cfg.tokenizer)
@@ -228,6 +279,14 @@ class Run:
             )
             keys = dict.fromkeys(s.data or cfg.data for s in self.stages)
             self.streams = {key: self._stream(key) for key in keys}
+            llm = self.model_cfg.llm
+            self.dims.validate(
+                dist.get_world_size() if self.distributed else 1,
+                num_experts=llm.num_experts,
+                moe=any(llm.is_moe_layer(i) for i in range(llm.num_layers)),
+                accums={s.name: s.accum for s in self.stages},
+            )
+            self.param_dtype = _param_dtype(cfg.mixed_precision, self.device, self.distributed)
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
             raise SetupError(str(err).strip("'\"")) from err
 
@@ -236,6 +295,8 @@ class Run:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
+        # Every rank builds the same full model (same seed, same --init weights); parallelize then
+        # keeps each rank's shards.
         self.model = SeedVLM(self.model_cfg).to(self.device)
         self.model.train()
         self.signature = _signature(cfg, self.model_cfg, self.stages)
@@ -244,10 +305,15 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.resumed_stage: int | None = None
-        if cfg.resume:
-            self._resume()
-        if cfg.init is not None and self.resumed_stage is None:
+        resume_from = self.ckpt.latest() if cfg.resume else None
+        if cfg.init is not None and resume_from is None:
             self._init_weights(Path(cfg.init))
+        if self.distributed:
+            self.meshes = self.dims.build(self.device.type)
+            parallel.parallelize(self.model, self.meshes, param_dtype=self.param_dtype)
+        self.foreach = False if self.dims.ep > 1 else None
+        if cfg.resume:
+            self._resume(resume_from)
 
     def _stream(self, key: str) -> BatchStream:
         source = _source(key, self.cfg.seed, self.skips)
@@ -255,8 +321,20 @@ class Run:
             source, self.tok, seed=self.cfg.seed, window=self.cfg.window, encode=self.encode, skips=self.skips
         )
 
-    def _resume(self) -> None:
-        path = self.ckpt.latest()
+    def _batches(self, stage: Stage, key: str) -> Prefetcher:
+        """This rank's micro-batches of ``stage`` from the saved position: every dp-th one, and under
+        context parallelism this rank's zigzag shard of it (built in the prefetch thread)."""
+        start = Position(*self.state["positions"][key])
+        dp_rank, cp_rank = (self.meshes.dp_rank, self.meshes.cp_rank) if self.meshes else (0, 0)
+        it = self.streams[key].batches(
+            start, stage.seq_len, min_level=stage.min_level, rank=dp_rank, ranks=self.dims.dp
+        )
+        if self.dims.cp > 1:
+            cp, image_id = self.dims.cp, self.model_cfg.image_token_id
+            it = ((parallel.shard_batch(b, cp, cp_rank, image_id), pos) for b, pos in it)
+        return Prefetcher(it, depth=self.cfg.prefetch, pin=self.device.type == "cuda")
+
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             log.info("--resume: no checkpoint in %s; starting from scratch", self.ckpt.root)
             return
@@ -264,7 +342,7 @@ class Run:
         _check_resume(meta["run"], self.signature, path)
         stage = self.stages[meta["stage_index"]]
         set_trainable(self.model, stage.trainable)
-        self.optimizer = build_optimizer(self.model, stage)
+        self.optimizer = build_optimizer(self.model, stage, foreach=self.foreach)
         meta = Checkpointer.load(path, self.model, self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, stage.lr_factor)
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -300,7 +378,7 @@ class Run:
         stage = self.stages[index]
         set_trainable(self.model, stage.trainable)
         if self.optimizer is None or stage.reset_optimizer:
-            self.optimizer = build_optimizer(self.model, stage)
+            self.optimizer = build_optimizer(self.model, stage, foreach=self.foreach)
         else:
             kept = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
             if kept != {id(p) for p in self.model.parameters() if p.requires_grad}:
@@ -324,60 +402,94 @@ class Run:
         return self.ckpt.save(self.state["global_step"], self.model, self.optimizer, meta)
 
     def _step(self, stage: Stage, batches: Prefetcher, key: str) -> dict:
-        """One optimizer step over ``stage.accum`` packed micro-batches; returns its log record."""
+        """One optimizer step over the stage's ``accum`` micro-batches (this rank's share of them);
+        returns its log record."""
         t0 = time.time()
-        micro = [next(batches) for _ in range(stage.accum)]
+        micro = [next(batches) for _ in range(stage.accum // self.dims.dp)]
         wait = time.time() - t0
-        targets = max(1, sum(b.num_targets for b, _ in micro))
         lr = self.optimizer.param_groups[0]["lr"]
-        llm = self.model_cfg.llm
-        vit_frozen = "vit" not in stage.trainable
-        ce_sum = lb_sum = z_sum = 0.0
-        for batch, _ in micro:
-            batch = batch.to(self.device, non_blocking=True)
-            with nvtx_range("forward"):
-                ce, lb, z = forward_loss(self.model, batch, vit_frozen=vit_frozen)
-                loss = ce / targets + (llm.aux_loss_coef * lb + llm.z_loss_coef * z) / stage.accum
-            with nvtx_range("backward"):
-                loss.backward()
-            ce_sum, lb_sum, z_sum = ce_sum + ce.detach(), lb_sum + lb.detach(), z_sum + z.detach()
+        counts, sums = self.forward_backward(stage, [b for b, _ in micro])
+        targets = max(1, counts["targets"])
         with nvtx_range("optimizer"):
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+            grad_norm = parallel.clip_grad_norm_(params, stage.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        tokens = sum(b.num_tokens for b, _ in micro)
+        if self.distributed:
+            dist.all_reduce(sums)
+        ce_sum, lb_sum, z_sum = sums.tolist()  # the step's host synchronisation, for the log
         self.state["global_step"] += 1
         self.state["stage_step"] += 1
-        self.state["tokens"] += tokens
+        self.state["tokens"] += counts["tokens"]
         self.state["positions"][key] = list(dataclasses.astuple(micro[-1][1]))
-        loss_value = float(ce_sum) / targets  # the step's one host synchronisation, for the log
+        loss_value = ce_sum / targets
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"step {self.state['global_step']} ({stage.name}): loss is {loss_value}")
         return {
             "step": self.state["global_step"], "stage": stage.name, "stage_step": self.state["stage_step"],
             "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-            "lb_loss": float(lb_sum) / stage.accum, "z_loss": float(z_sum) / stage.accum,
-            "tokens": tokens, "targets": targets, "docs": sum(b.num_documents for b, _ in micro),
-            "images": sum(b.num_images for b, _ in micro), "data_wait_s": round(wait, 4),
+            "lb_loss": lb_sum / stage.accum, "z_loss": z_sum / stage.accum,
+            "tokens": counts["tokens"], "rank_tokens": counts["rank_tokens"], "targets": targets,
+            "docs": counts["docs"], "images": counts["images"], "data_wait_s": round(wait, 4),
         }  # fmt: skip
+
+    def forward_backward(self, stage: Stage, micro: list[PackedBatch]) -> tuple[dict[str, int], torch.Tensor]:
+        """Accumulate the gradients of this rank's micro-batches of one step; returns the step's
+        global counts and this rank's (CE, balance, z) sums."""
+        counts = self._global_counts(micro)
+        targets = max(1, counts["targets"])
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CE, balance, z
+        for batch in micro:
+            batch = batch.to(self.device, non_blocking=True)
+            with nvtx_range("forward"):
+                out = self.model(**batch.model_inputs())
+                ce, loss = micro_batch_loss(
+                    out, batch.labels, targets=targets, accum=stage.accum, llm=self.model_cfg.llm
+                )
+            with nvtx_range("backward"):
+                loss.backward()
+            with torch.no_grad():
+                sums += torch.stack([ce, out.load_balancing_loss, out.router_z_loss]).double()
+        return counts, sums
+
+    def _global_counts(self, micro: list[PackedBatch]) -> dict[str, int]:
+        """The step's targets, tokens (padding excluded), documents and images over all ranks; one
+        all-reduce when distributed (the loss normaliser must be the global target count)."""
+        first_of_group = self.meshes is None or self.meshes.cp_rank == 0  # a cp group shares documents
+        local = [
+            sum(b.num_targets for b in micro),
+            sum(b.num_tokens if b.token_mask is None else int(b.token_mask.sum()) for b in micro),
+            sum(b.num_documents for b in micro) if first_of_group else 0,
+            sum(b.num_images for b in micro) if first_of_group else 0,
+        ]
+        rank_tokens = sum(b.num_tokens for b in micro)
+        if self.distributed:
+            t = torch.tensor(local, dtype=torch.int64, device=self.device)
+            dist.all_reduce(t)
+            local = t.tolist()
+        return dict(zip(("targets", "tokens", "docs", "images"), local, strict=True), rank_tokens=rank_tokens)
 
     def train(self) -> dict:
         """Run the remaining stages; returns the summary (also written to <out>/summary.json)."""
         cfg, state = self.cfg, self.state
         n_params = sum(p.numel() for p in self.model.parameters())
+        layout = f"; {self.dims} over {dist.get_world_size()} ranks" if self.distributed else ""
         log.info(
-            "preset %s (%.2fM parameters, vocab %d), recipe %s: %s; data %s; device %s%s; out %s",
+            "preset %s (%.2fM parameters, vocab %d), recipe %s: %s; data %s; device %s%s%s; out %s",
             cfg.preset, n_params / 1e6, self.model_cfg.llm.vocab_size, cfg.recipe,
-            ", ".join(f"{s.name} {s.steps} steps x {s.seq_len} tok, LR {s.lr_max:.2e}" for s in self.stages),
-            cfg.data, self.device, " (deterministic)" if self.deterministic else "", self.out,
+            ", ".join(f"{s.name} {s.steps} steps x {s.accum} x {s.seq_len} tok, LR {s.lr_max:.2e}"
+                      for s in self.stages),
+            cfg.data, self.device, " (deterministic)" if self.deterministic else "", layout, self.out,
         )  # fmt: skip
-        runlog = logs.RunLog(
-            self.out, sum(s.steps for s in self.stages), state["global_step"],
-            progress=cfg.progress, tensorboard=cfg.tensorboard,
-        )  # fmt: skip
-        profiler = StepProfiler(cfg.profile_steps, self.out, cfg.profiler)
+        if self.rank == 0:
+            runlog = logs.RunLog(
+                self.out, sum(s.steps for s in self.stages), state["global_step"],
+                progress=cfg.progress, tensorboard=cfg.tensorboard,
+            )  # fmt: skip
+        else:
+            runlog = logs.NullRunLog()
+        profiler = StepProfiler(cfg.profile_steps if self.rank == 0 else None, self.out, cfg.profiler)
         t_start = time.time()
         try:
             for index in range(state["stage_index"], len(self.stages)):
@@ -387,12 +499,7 @@ class Run:
                 if state["stage_step"] >= stage.steps:
                     continue
                 key = stage.data or cfg.data
-                start = Position(*state["positions"][key])
-                batches = Prefetcher(
-                    self.streams[key].batches(start, stage.seq_len, min_level=stage.min_level),
-                    depth=cfg.prefetch,
-                    pin=self.device.type == "cuda",
-                )
+                batches = self._batches(stage, key)
                 t_last = time.time()
                 try:
                     while state["stage_step"] < stage.steps:
@@ -401,6 +508,8 @@ class Run:
                         profiler.end(state["global_step"])
                         now = time.time()
                         record["tok_per_s"] = record["tokens"] / max(now - t_last, 1e-9)
+                        if self.distributed:
+                            record["rank_tok_per_s"] = record["rank_tokens"] / max(now - t_last, 1e-9)
                         t_last = now
                         runlog.step(record)
                         if state["stage_step"] == stage.steps or state["global_step"] % cfg.ckpt_every == 0:
@@ -416,6 +525,10 @@ class Run:
         return self._finish(time.time() - t_start)
 
     def _finish(self, wall_s: float) -> dict:
+        """Summary, plot and held-out evaluation, written by rank 0 (the others return {})."""
+        model = self._gathered_model()
+        if self.rank != 0:
+            return {}
         records = logs.read_steps(self.out / "log.jsonl")
         latest = self.ckpt.latest()
         summary = {
@@ -433,13 +546,55 @@ class Run:
             from .evaluate import evaluate_spatial
 
             summary["eval"] = evaluate_spatial(
-                self.model, self.tok, seed=self.cfg.seed, num=self.cfg.eval_samples, encode=self.encode,
+                model, self.tok, seed=self.cfg.seed, num=self.cfg.eval_samples, encode=self.encode,
                 device=self.device,
             )  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
+    def _gathered_model(self) -> SeedVLM | None:
+        """The model to evaluate on rank 0: itself in a single process; under a layout, a plain
+        single-device copy of the full weights (gathered from every rank's shards, a collective),
+        so evaluation runs on rank 0 alone without collectives. None on other ranks."""
+        if not self.distributed:
+            return self.model
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=options)
+        if self.rank != 0:
+            return None
+        model = SeedVLM(self.model_cfg)
+        model.load_state_dict(full)
+        return model.to(self.device)
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be evaluating; leave together
+            dist.destroy_process_group()
+
+
+def _param_dtype(spec: str, device: torch.device, distributed: bool) -> torch.dtype | None:
+    """The dtype FSDP gathers parameters in (None: keep fp32). bf16 needs FSDP's mixed precision,
+    so a single process trains in fp32 (see the module docstring)."""
+    if spec not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--mixed-precision: expected auto, bf16 or fp32, got {spec!r}")
+    if spec == "bf16" and not distributed:
+        raise ValueError(
+            "--mixed-precision bf16: needs torchrun (FSDP's mixed precision); a single process trains in fp32"
+        )
+    if spec == "bf16" or (spec == "auto" and distributed and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
 
 def train(cfg: RunConfig) -> dict:
-    """Set up (or resume) and run; returns the summary. SetupError: the configuration is unusable."""
-    return Run(cfg).train()
+    """Set up (or resume) and run; returns the summary (empty on ranks other than 0). SetupError:
+    the configuration is unusable."""
+    run = None
+    try:
+        run = Run(cfg)
+        return run.train()
+    finally:
+        if run is not None:
+            run.close()
+        elif dist.is_initialized():
+            dist.destroy_process_group()

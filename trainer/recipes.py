@@ -22,10 +22,13 @@ Scaling to a preset (:func:`scale_to`):
   paper's values, the 2048-wide ones twice them, and the 64-wide tiny preset 64x (stage 1 peaks at
   3.3e-3, a usual LR for a model that small);
 - sequence budgets x min(1, hidden / 2048): the paper's 32k/131k for real models, 1,024/4,096
-  tokens per step for the tiny preset on a CPU;
+  tokens per step for the tiny preset on a CPU, where that budget is split into 2 micro-batches of
+  512/2,048 (``accum`` = 2), so that the default run also runs data-parallel over 2 ranks;
 - ``steps`` are the tiny preset's defaults (the whole recipe in ~3 minutes on a 2-core CPU); real
   runs set ``--steps`` or ``--tokens``.
-One step is one packed sequence of at most ``seq_len`` tokens, times ``accum`` micro-batches.
+One step is ``accum`` packed micro-batches of at most ``seq_len`` tokens each: the global batch,
+whatever the layout. Under data parallelism each of the dp ranks takes accum / dp of them, so
+``accum`` must be a multiple of dp (``--set '*.accum=N'``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .data.chat import LEVEL_PROMPT, LEVEL_RESPONSE
 MODULES = ("vit", "adapter", "llm")
 REFERENCE_HIDDEN = 4096  # LLM width at which the paper's learning rates apply unchanged
 REFERENCE_SEQ_HIDDEN = 2048  # below this width, sequence budgets shrink in proportion
+SMALL_ACCUM = 2  # micro-batches per step of the presets below that width (the CPU-scale ones)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Stage:
     steps: int
     min_level: int  # a token is a target from this loss level on (trainer.data.chat)
     reset_optimizer: bool = True
-    accum: int = 1  # micro-batches per optimizer step
+    accum: int = 1  # micro-batches per optimizer step, over all data-parallel ranks
     grad_clip: float = 1.0
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -142,12 +146,14 @@ def scale_to(stages: tuple[Stage, ...], cfg: VLMConfig) -> tuple[Stage, ...]:
     """
     lr_mult = REFERENCE_HIDDEN / cfg.llm.hidden
     seq_mult = min(1.0, cfg.llm.hidden / REFERENCE_SEQ_HIDDEN)
+    accum = SMALL_ACCUM if seq_mult < 1 else 1
     out = [
         replace(
             s,
             lr_max=s.lr_max * lr_mult,
             lr_min=s.lr_min * lr_mult,
-            seq_len=max(256, round(s.seq_len * seq_mult)),
+            seq_len=max(256, round(s.seq_len * seq_mult / accum)),
+            accum=s.accum * accum,
         )
         for s in stages
     ]

@@ -4,6 +4,7 @@
     python trainer/run.py --recipe sft --data my_data.jsonl --tokenizer /path/to/hf_tokenizer
     python trainer/run.py --steps 2000 --set stage1.lr_max=2e-3 --set '*.seq_len=2048'
     python trainer/run.py --out runs/x --resume  # continue the last checkpoint of runs/x
+    torchrun --nproc-per-node=4 trainer/run.py --parallel dp=2,cp=2,ep=4   # hybrid parallel
 
 Writes <out>/log.jsonl, <out>/train.log, <out>/tensorboard/, <out>/checkpoints/, <out>/loss.png
 and <out>/summary.json. See trainer/recipes.py for the stages and trainer/loop.py for the loop.
@@ -23,6 +24,7 @@ elif str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 
 from trainer.loop import RunConfig, SetupError, train  # noqa: E402
 from trainer.recipes import RECIPES, STAGES  # noqa: E402
@@ -72,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--profile-steps", type=_steps_range, metavar="A:B", help="profile steps A..B (as in the log)")
     add("--profiler", choices=("torch", "nsys"), default="torch",
         help="torch (default): a trace file; nsys: only cudaProfilerStart/Stop around the steps")
+    add("--parallel", metavar="dp=D,cp=C,ep=E",
+        help="layout under torchrun: dp x cp = number of processes, ep divides dp x cp, a missing "
+        "dimension is 1 (default: dp = number of processes); see trainer/parallel")
+    add("--mixed-precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="under torchrun: bf16 weights and activations with fp32 master weights and gradient "
+        "reduction (FSDP); auto (default): bf16 on GPUs, fp32 on CPUs")
+    add("--pg-timeout", type=float, default=600.0, metavar="S",
+        help="seconds a collective waits for a peer before the job fails (600)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard scalars")
     # fmt: on
@@ -82,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         device=a.device, deterministic=a.deterministic, resume=a.resume, init=a.init,
         overwrite=a.overwrite, ckpt_every=a.ckpt_every, keep=a.keep, window=a.window,
         max_pixels=a.max_pixels, eval_samples=a.eval_samples, profile_steps=a.profile_steps,
-        profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard,
+        profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
+        mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
     )  # fmt: skip
 
 
@@ -104,12 +115,15 @@ def _report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
     try:
         summary = train(cfg)
     except SetupError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if rank0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    print(_report(summary))
+    if rank0:
+        print(_report(summary))
     return 0
 
 

@@ -22,6 +22,9 @@ A packed batch (shape legend: T tokens, B documents, Tv patches, I images, Nv = 
     vit_cu_seqlens  (I+1,) int32    image boundaries;  grid_hw (I, 2) int32
     max_seqlen, vit_max_seqlen      host ints: the longest document / image (no device sync later)
 
+A context-parallel shard (trainer.parallel.context_parallel) also carries ``visual_index`` (the
+visual tokens its placeholders take) and ``token_mask`` (False on its padding rows).
+
 A token is a target when its loss level (trainer.data.chat) is at least ``min_level``: whole
 documents in pre-training (LEVEL_PROMPT), assistant replies only in SFT (LEVEL_RESPONSE).
 """
@@ -57,6 +60,8 @@ class PackedBatch:
     grid_hw: torch.Tensor
     num_targets: int  # host int: loss tokens, the CE normaliser
     sample_ids: tuple[str, ...] = ()
+    visual_index: torch.Tensor | None = None  # (Nv_local,) int64, context-parallel shards only
+    token_mask: torch.Tensor | None = None  # (T,) bool, context-parallel shards only
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +94,22 @@ class PackedBatch:
             "pos_hw": self.pos_hw,
             "vit_cu_seqlens": self.vit_cu_seqlens,
             "vit_max_seqlen": self.vit_max_seqlen,
+        }
+
+    def model_inputs(self) -> dict:
+        """Every keyword argument of SeedVLM.forward for this batch. The images are passed even when
+        there are none, so the ViT runs (on nothing) in every step of every rank."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seqlens": self.cu_seqlens,
+            "max_seqlen": self.max_seqlen,
+            "patches": self.patches,
+            "pos_hw": self.pos_hw,
+            "vit_cu_seqlens": self.vit_cu_seqlens,
+            "vit_max_seqlen": self.vit_max_seqlen,
+            "visual_index": self.visual_index,
+            "token_mask": self.token_mask,
         }
 
 

@@ -11,6 +11,12 @@ function of (seed, position, budget), so a checkpoint stores the position and a 
 rebuilds the same window and continues with the same batches. A new stage starts at the next whole
 window (its budget, and so its bins, differ).
 
+Data parallel: with ``rank``/``ranks``, the stream is cut into groups of ``ranks`` consecutive
+batches and a rank builds only the ``rank``-th of each group, paired with the position after the
+whole group. Every rank therefore agrees on the position, which is the same as the single-process
+stream's after the same batches, and a run resumes under any number of ranks that divides the
+micro-batches of its steps.
+
 :class:`Prefetcher` builds batches in a background thread (image decoding and packing overlap the
 model's step) and pins them for an asynchronous copy when the device is a GPU.
 """
@@ -96,19 +102,30 @@ class BatchStream:
         return out
 
     def batches(
-        self, start: Position, budget: int, *, min_level: int
+        self, start: Position, budget: int, *, min_level: int, rank: int = 0, ranks: int = 1
     ) -> Iterator[tuple[PackedBatch, Position]]:
-        """Packed batches from ``start`` on, each with the position of the batch after it."""
+        """Packed batches from ``start`` on, each with the position of the batch after it; with
+        ``ranks`` > 1, this rank's share (module docstring)."""
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank: expected 0 <= rank < ranks = {ranks}, got {rank}")
+        group = []
+        for item in self._bins(start, budget):
+            group.append(item)
+            if len(group) == ranks:
+                pool, members, _ = group[rank]
+                batch = pool.collate(members, min_level=min_level, image_token_id=self.tok.image_token_id)
+                yield batch, group[-1][2]
+                group = []
+
+    def _bins(self, start: Position, budget: int) -> Iterator[tuple[SamplePool, np.ndarray, Position]]:
+        """(pool, sample indices, position after it) of every bin from ``start`` on."""
         window, first_bin, empty = start.window, start.bin, 0
         while True:
             pool = SamplePool(self.encode_window(window, budget))
             bins = pool.plan(budget)
             order = np.random.default_rng([self.seed, window, 1]).permutation(len(bins))
             for k in range(first_bin, len(bins)):
-                batch = pool.collate(
-                    bins[order[k]], min_level=min_level, image_token_id=self.tok.image_token_id
-                )
-                yield batch, Position(window, k + 1)
+                yield pool, bins[order[k]], Position(window, k + 1)
             empty = 0 if bins else empty + 1
             n = self.source.num_samples
             if empty * self.window >= (n if n is not None else 10 * self.window):

@@ -1,0 +1,267 @@
+"""Hybrid parallelism in the trainer, on CPU with gloo: every layout trains like a single process.
+
+The runs launch the real entry point (``torchrun ... trainer/run.py --parallel ...``) on the tiny
+preset through all four stages (stage0 -> 1 -> 2 -> SFT; ``--steps 8`` gives 9 optimizer steps of
+2 micro-batches each) and compare each step's logged loss, gradient norm and MoE balance losses
+with the single-process run of the same global batch. Tolerance: relative 1e-5 in fp32. The
+layouts differ from a single process only in the order of floating-point sums (FSDP's
+reduce-scatter, the expert all-to-all, ring attention's log-sum-exp merge), about 1e-7 relative
+per step here, so 1e-5 leaves room for 9 steps of drift and still fails on any real difference (a
+wrong normaliser or a dropped micro-batch moves the loss by more than 1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import spawn
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parent.parent
+RTOL = 1e-5
+COMMON = [
+    "--steps", "8", "--window", "64", "--eval-samples", "0", "--no-progress", "--no-tensorboard",
+    "--ckpt-every", "3", "--keep", "10",
+]  # fmt: skip
+LAYOUTS = [("dp=2", 2), ("cp=2", 2), ("dp=2,ep=2", 2), ("dp=2,cp=2,ep=4", 4)]
+
+
+def _env() -> dict[str, str]:
+    # One intra-op thread per rank: 4 ranks share 2 cores; GLOO on the loopback interface.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
+
+
+def _torchrun(nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "trainer/run.py", *args]  # fmt: skip
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _assert_same_steps(expected: list[dict], actual: list[dict], what: str) -> None:
+    assert [r["step"] for r in actual] == [r["step"] for r in expected], what
+    for e, a in zip(expected, actual, strict=True):
+        assert a["tokens"] == e["tokens"] and a["targets"] == e["targets"], f"{what}: step {e['step']} batch"
+        for key in ("loss", "grad_norm", "lb_loss", "z_loss"):
+            rel = abs(a[key] - e[key]) / abs(e[key])
+            assert rel <= RTOL, f"{what}: step {e['step']} {key} {a[key]!r} vs {e[key]!r} (rel {rel:.1e})"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Run directories by layout ("single" and each of LAYOUTS), each made once when first asked."""
+    root = tmp_path_factory.mktemp("parallel")
+
+    class Runs(dict):
+        def __missing__(self, layout: str) -> Path:
+            out = root / layout.replace(",", "_").replace("=", "")
+            if layout == "single":
+                _run([sys.executable, "trainer/run.py", *COMMON, "--out", str(out)])
+            else:
+                nproc = dict(LAYOUTS)[layout]
+                _run(_torchrun(nproc, [*COMMON, "--parallel", layout, "--out", str(out)]))
+            self[layout] = out
+            return out
+
+    return Runs()
+
+
+@pytest.mark.parametrize("layout", [name for name, _ in LAYOUTS])
+def test_layout_matches_single_process(runs, layout):
+    single, parallel = _steps(runs["single"]), _steps(runs[layout])
+    assert len(single) == 9 and {r["stage"] for r in single} == {"stage0", "stage1", "stage2", "sft"}
+    _assert_same_steps(single, parallel, f"--parallel {layout}")
+    assert (runs[layout] / "summary.json").is_file() and (runs[layout] / "loss.png").is_file()
+    ckpt = runs[layout] / "checkpoints" / "step_00000009"
+    shards = sorted(p.name for p in ckpt.glob("*.distcp"))
+    assert len(shards) == dict(LAYOUTS)[layout], f"one shard per rank in one directory, got {shards}"
+
+
+def _resume_dir(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run ``src`` as it was right after checkpoint ``step``."""
+    shutil.copytree(src, dst)
+    ckpts = dst / "checkpoints"
+    for p in ckpts.glob("step_*"):
+        if int(p.name[5:]) > step:
+            shutil.rmtree(p)
+    (ckpts / "latest").write_text(f"step_{step:08d}\n")
+    keep = [
+        line
+        for line in (dst / "log.jsonl").read_text().splitlines()
+        if json.loads(line).get("step", 0) <= step
+    ]
+    (dst / "log.jsonl").write_text("\n".join(keep) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize("resume_layout", ["dp=2,ep=2", "single"])
+def test_resume_under_another_layout(runs, tmp_path, resume_layout):
+    """Saved at dp=2,cp=2,ep=4 on 4 ranks after step 3 (mid-stage 1, mid-epoch); resumed on 2 ranks
+    or in a single process, the losses go on as in the uninterrupted run."""
+    out = _resume_dir(runs["dp=2,cp=2,ep=4"], tmp_path / "run", step=3)
+    if resume_layout == "single":
+        cmd = [sys.executable, "trainer/run.py", *COMMON, "--out", str(out), "--resume"]
+    else:
+        cmd = _torchrun(2, [*COMMON, "--parallel", resume_layout, "--out", str(out), "--resume"])
+    proc = _run(cmd)
+    assert "resumed from" in (out / "train.log").read_text(), proc.stderr[-2000:]
+    _assert_same_steps(
+        _steps(runs["single"]), _steps(out), f"saved at dp=2,cp=2,ep=4, resumed at {resume_layout}"
+    )
+
+
+# ----------------------------------------------------------------------------- gradients of one step
+
+
+def _grads_worker(rank: int, world_size: int, port: int, layout: str, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    _one_step_grads(layout, Path(out))
+
+
+def _one_step_grads(layout: str | None, out: Path) -> None:
+    """Full gradients after the first stage-1 step (everything trainable), written by rank 0."""
+    from torch.distributed.tensor import DTensor
+
+    from trainer.loop import Run, RunConfig
+
+    cfg = RunConfig(
+        recipe="stage1", out=out / "run", overwrite=True, progress=False, tensorboard=False, window=64,
+        parallel=layout, eval_samples=0,
+    )  # fmt: skip
+    run = Run(cfg)
+    try:
+        stage = run.stages[0]
+        run._enter_stage(0)
+        batches = run._batches(stage, "spatial")
+        micro = [next(batches)[0] for _ in range(stage.accum // run.dims.dp)]
+        batches.close()
+        run.forward_backward(stage, micro)
+        grads = {}
+        for name, p in run.model.named_parameters():
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[name] = g.detach().clone()
+        if run.rank == 0:
+            torch.save(grads, out / "grads.pt")
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("layout,nproc", LAYOUTS)
+def test_one_step_gradients_match(tmp_path, layout, nproc):
+    (tmp_path / "single").mkdir()
+    (tmp_path / "par").mkdir()
+    _one_step_grads(None, tmp_path / "single")
+    spawn(_grads_worker, nproc, layout, str(tmp_path / "par"))
+    ref = torch.load(tmp_path / "single" / "grads.pt")
+    got = torch.load(tmp_path / "par" / "grads.pt")
+    assert ref.keys() == got.keys() and len(ref) > 40
+    for name, g in ref.items():
+        scale = g.abs().max().item()
+        err = (got[name] - g).abs().max().item()
+        assert err <= RTOL * max(scale, 1e-12), f"{layout}: {name} max error {err:.2e} (scale {scale:.2e})"
+    assert any(g.abs().max() > 0 for n, g in ref.items() if n.startswith("vit.")), "the ViT got gradients"
+
+
+# ----------------------------------------------------------------------------- bad layouts and faults
+
+
+def test_layout_without_torchrun_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "trainer/run.py", "--parallel", "dp=2", "--out", "/nonexistent/x"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --parallel dp=2,cp=1,ep=1 needs 2 processes: launch with torchrun --nproc-per-node=2 "
+        "trainer/run.py ..."
+    ]
+
+
+def test_bad_layout_under_torchrun_fails_before_work(tmp_path):
+    """ep must divide the 4 experts of the tiny preset: refused at start, one line from rank 0."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        _torchrun(2, [*COMMON, "--parallel", "cp=2,ep=3", "--out", str(out)]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: --parallel dp=1,cp=2,ep=3: ep = 3 must divide dp x cp = 2 (expert-parallel ranks are "
+        "drawn from the data- and context-parallel ranks)"
+    ]
+    assert not (out / "log.jsonl").exists()
+
+
+def _children_with(parent: int, local_rank: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"LOCAL_RANK={local_rank}".encode() in env:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_dead_rank_ends_the_job(tmp_path):
+    """Killing rank 1 mid-run ends the job with an error naming it, well within the timeout."""
+    out = tmp_path / "run"
+    args = ["--steps", "400", "--window", "64", "--eval-samples", "0", "--no-progress", "--no-tensorboard",
+            "--pg-timeout", "60", "--parallel", "dp=2", "--out", str(out)]  # fmt: skip
+    cmd = _torchrun(2, args)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 180
+        while not (out / "log.jsonl").exists() or len(_steps(out)) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the run did not get to step 2"
+            time.sleep(0.5)
+        victims, survivors = _children_with(proc.pid, "1"), _children_with(proc.pid, "0")
+        assert len(victims) == 1 and len(survivors) == 1, f"torchrun's workers: {victims}, {survivors}"
+        os.kill(victims[0], signal.SIGKILL)
+        t0 = time.time()
+        output, _ = proc.communicate(timeout=90)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
+    assert "local_rank: 1" in output and "Signal 9" in output, output[-3000:]
+    assert (
+        not Path(f"/proc/{survivors[0]}").exists()
+        or "zombie" in Path(f"/proc/{survivors[0]}/status").read_text()
+    ), "rank 0 outlived the job"

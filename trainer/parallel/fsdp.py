@@ -1,0 +1,55 @@
+"""ZeRO-3 with FSDP2 (``fully_shard``): parameters, gradients and optimizer states sharded.
+
+Units, innermost first (each unit all-gathers its parameters just before its forward and frees
+them after; gradients are reduce-scattered as each unit's backward ends):
+
+    each ViT block, the ViT, the adapter        over all ranks ("dp_cp"), as the report's ViT ZeRO
+    each MoE layer's routed experts (ep > 1)    over "edp": the ranks holding the same experts
+    each LLM decoder layer                      over all ranks ("dp_cp")
+    the root (embeddings, final norm, LM head)  over all ranks ("dp_cp")
+
+The LLM's dense weights are sharded over dp x cp rather than dp alone: the cp ranks of a dp
+replica hold the same weights and their gradients must be summed too, and one flattened mesh
+does both (torchtitan's dp_shard_cp).
+
+Gradients are summed, not averaged: the loss is already normalised by the step's global target
+count, so the sum over ranks is the gradient of the whole step. Mixed precision: with
+``param_dtype=bf16`` the all-gathered weights and the activations are bf16 while the sharded
+master weights, the optimizer states and the gradient reduction stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from model.vlm import SeedVLM
+
+from .dims import Meshes
+
+
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    if param_dtype is None or param_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: SeedVLM, meshes: Meshes, mp_policy: MixedPrecisionPolicy) -> None:
+    world = meshes.world
+    for block in model.vit.blocks:
+        fully_shard(block, mesh=world, mp_policy=mp_policy)
+    fully_shard(model.vit, mesh=world, mp_policy=mp_policy)
+    fully_shard(model.adapter, mesh=world, mp_policy=mp_policy)
+    for layer in model.llm.layers:
+        if meshes.experts is not None and layer.is_moe:
+            fully_shard(layer.ffn.experts, mesh=meshes.experts["edp"], mp_policy=mp_policy)
+        fully_shard(layer, mesh=world, mp_policy=mp_policy)
+    fully_shard(model, mesh=world, mp_policy=mp_policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM: gloo has no PREMUL_SUM, and with a factor of 1 it is the same reduction.
+            module.set_force_sum_reduction_for_comms(True)
+            # Ranks whose micro-batch left a parameter unused (no image, no token for an expert)
+            # still join the reduce-scatter, with zeros.
+            module.set_reduce_scatter_unused_params(True)
