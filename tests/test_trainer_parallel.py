@@ -265,3 +265,27 @@ def test_dead_rank_ends_the_job(tmp_path):
         not Path(f"/proc/{survivors[0]}").exists()
         or "zombie" in Path(f"/proc/{survivors[0]}/status").read_text()
     ), "rank 0 outlived the job"
+
+
+def test_hf_init_under_a_layout(tmp_path):
+    """--init of a Hugging Face Qwen3-MoE checkpoint: the same first losses in a single process and
+    at dp=2,ep=2 (each rank loads the full weights, then the layout shards them)."""
+    from model.hf import save_qwen3_moe
+    from model.llm import MoELLM
+    from trainer.data.tokenizer import ByteTokenizer
+    from trainer.loop import build_model_config
+
+    llm_cfg = build_model_config("seedvl-tiny", ByteTokenizer()).llm
+    torch.manual_seed(123)
+    save_qwen3_moe(MoELLM(llm_cfg), tmp_path / "hf")
+    args = ["--steps", "2", "--recipe", "stage1", "--window", "64", "--eval-samples", "0", "--no-progress",
+            "--no-tensorboard", "--init", str(tmp_path / "hf")]  # fmt: skip
+    _run([sys.executable, "trainer/run.py", *args, "--out", str(tmp_path / "single")])
+    _run(_torchrun(2, [*args, "--parallel", "dp=2,ep=2", "--out", str(tmp_path / "par")]))
+    _run([sys.executable, "trainer/run.py", *args[:-2], "--out", str(tmp_path / "scratch")])
+    single = _steps(tmp_path / "single")
+    _assert_same_steps(single, _steps(tmp_path / "par"), "--init HF at dp=2,ep=2")
+    assert abs(single[0]["loss"] - _steps(tmp_path / "scratch")[0]["loss"]) > 1e-3, "the weights were loaded"
+    assert (
+        "initialised the LLM from the Hugging Face checkpoint" in (tmp_path / "par" / "train.log").read_text()
+    )

@@ -353,7 +353,12 @@ class Run:
         )
 
     def _init_weights(self, path: Path) -> None:
-        """Model weights from a checkpoint directory, or from the latest checkpoint of a run."""
+        """Model weights from a checkpoint directory, the latest checkpoint of a run, or (a directory
+        with config.json and safetensors) the LLM's weights from a Hugging Face Qwen3-MoE checkpoint.
+        Every rank loads the full weights before the layout is applied, so any layout works."""
+        if (path / "config.json").is_file() and not (path / "meta.json").is_file():
+            self._init_llm_from_hf(path)
+            return
         if (path / "meta.json").is_file():
             ckpt = path
         else:
@@ -372,6 +377,20 @@ class Run:
             )
         Checkpointer.load_model(ckpt, self.model)
         log.info("initialised the model from %s (step %s)", ckpt, meta.get("global_step"))
+
+    def _init_llm_from_hf(self, path: Path) -> None:
+        from model.hf import from_hf_state_dict, open_checkpoint
+
+        _, tensors = open_checkpoint(path)
+        llm = self.model.llm
+        try:
+            llm.load_state_dict(from_hf_state_dict(llm, tensors), strict=True)
+        except (KeyError, RuntimeError) as err:
+            raise SetupError(
+                f"--init {path}: its weights do not fit preset {self.cfg.preset!r}'s LLM "
+                f"(with tokenizer {self.cfg.tokenizer!r}): {str(err).strip()[:300]}"
+            ) from err
+        log.info("initialised the LLM from the Hugging Face checkpoint %s", path)
 
     def _enter_stage(self, index: int) -> None:
         """Freeze, build or keep the optimizer, start the LR schedule and the data at a new window."""

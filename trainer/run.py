@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--out", type=Path, help="output directory (default runs/<recipe>-<preset>)")
     add("--resume", action="store_true", help="continue from the last checkpoint in --out")
     add("--overwrite", action="store_true", help="delete a previous run in --out first")
-    add("--init", type=Path, help="start from the model weights of a checkpoint or run directory")
+    add("--init", type=Path,
+        help="start from the model weights of a checkpoint or run directory, or from a Hugging Face "
+        "Qwen3-MoE checkpoint directory (config.json + safetensors: the LLM's weights)")
     add("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
         help="override a stage field, e.g. stage1.lr_max=1e-3, '*.seq_len=2048', sft.steps=50")
     add("--seed", type=int, default=0, help="model init and data order (default 0)")
