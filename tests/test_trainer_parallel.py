@@ -289,3 +289,17 @@ def test_hf_init_under_a_layout(tmp_path):
     assert (
         "initialised the LLM from the Hugging Face checkpoint" in (tmp_path / "par" / "train.log").read_text()
     )
+
+
+def test_bf16_mixed_precision(runs, tmp_path):
+    """--mixed-precision bf16 (FSDP's policy): bf16 compute follows the fp32 run to bf16 accuracy,
+    and the checkpoint keeps fp32 master weights."""
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "bf16"
+    _run(_torchrun(2, [*COMMON, "--parallel", "cp=2,ep=2", "--mixed-precision", "bf16", "--out", str(out)]))
+    for e, a in zip(_steps(runs["single"]), _steps(out), strict=True):
+        assert abs(a["loss"] - e["loss"]) <= 2e-2 * e["loss"], f"step {e['step']}: {a['loss']} vs {e['loss']}"
+    meta = dcp.FileSystemReader(str(out / "checkpoints" / "step_00000009")).read_metadata()
+    dtypes = {k: v.properties.dtype for k, v in meta.state_dict_metadata.items() if k.startswith("model.")}
+    assert set(dtypes.values()) == {torch.float32}, dtypes

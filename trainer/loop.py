@@ -341,7 +341,7 @@ class Run:
         meta = Checkpointer.read_meta(path)
         _check_resume(meta["run"], self.signature, path)
         stage = self.stages[meta["stage_index"]]
-        set_trainable(self.model, stage.trainable)
+        self._set_trainable(stage)
         self.optimizer = build_optimizer(self.model, stage, foreach=self.foreach)
         meta = Checkpointer.load(path, self.model, self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, stage.lr_factor)
@@ -378,6 +378,11 @@ class Run:
         Checkpointer.load_model(ckpt, self.model)
         log.info("initialised the model from %s (step %s)", ckpt, meta.get("global_step"))
 
+    def _set_trainable(self, stage: Stage) -> None:
+        set_trainable(self.model, stage.trainable)
+        if self.distributed:
+            parallel.refresh_trainable(self.model)
+
     def _init_llm_from_hf(self, path: Path) -> None:
         from model.hf import from_hf_state_dict, open_checkpoint
 
@@ -395,7 +400,7 @@ class Run:
     def _enter_stage(self, index: int) -> None:
         """Freeze, build or keep the optimizer, start the LR schedule and the data at a new window."""
         stage = self.stages[index]
-        set_trainable(self.model, stage.trainable)
+        self._set_trainable(stage)
         if self.optimizer is None or stage.reset_optimizer:
             self.optimizer = build_optimizer(self.model, stage, foreach=self.foreach)
         else:

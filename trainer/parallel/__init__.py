@@ -21,7 +21,7 @@ from model.vlm import SeedVLM
 from .context_parallel import apply_context_parallel, shard_batch
 from .dims import LayoutError, Meshes, ParallelDims, init_distributed, launched_by_torchrun
 from .expert_parallel import apply_expert_parallel
-from .fsdp import apply_fsdp, mixed_precision
+from .fsdp import apply_fsdp, mixed_precision, refresh_trainable
 from .grad_norm import clip_grad_norm_
 
 
@@ -42,5 +42,6 @@ __all__ = [
     "init_distributed",
     "launched_by_torchrun",
     "parallelize",
+    "refresh_trainable",
     "shard_batch",
 ]

@@ -53,3 +53,18 @@ def apply_fsdp(model: SeedVLM, meshes: Meshes, mp_policy: MixedPrecisionPolicy) 
             # Ranks whose micro-batch left a parameter unused (no image, no token for an expert)
             # still join the reduce-scatter, with zeros.
             module.set_reduce_scatter_unused_params(True)
+
+
+def refresh_trainable(model: SeedVLM) -> None:
+    """Recompute each FSDP unit's gradient dtypes after a stage changed which parameters train.
+
+    FSDP2 takes a unit's original and reduce dtypes from its parameters that require grad when the
+    unit first runs; a unit frozen then (the ViT in stage 0) gets none, and with bf16 parameters its
+    gradients would later come back in bf16 when it trains. FSDP2 has no public call for this, so
+    this one reaches into its parameter groups (torch 2.13).
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group._init_mp_dtypes()
