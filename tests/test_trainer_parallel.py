@@ -12,6 +12,7 @@ wrong normaliser or a dropped micro-batch moves the loss by more than 1e-2).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -303,3 +304,34 @@ def test_bf16_mixed_precision(runs, tmp_path):
     meta = dcp.FileSystemReader(str(out / "checkpoints" / "step_00000009")).read_metadata()
     dtypes = {k: v.properties.dtype for k, v in meta.state_dict_metadata.items() if k.startswith("model.")}
     assert set(dtypes.values()) == {torch.float32}, dtypes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_stalled_rank_times_out(tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, so torchrun does not notice) makes its peer's
+    next collective fail after --pg-timeout, and the job ends instead of hanging."""
+    out = tmp_path / "run"
+    args = ["--steps", "400", "--window", "64", "--eval-samples", "0", "--no-progress", "--no-tensorboard",
+            "--pg-timeout", "10", "--parallel", "dp=2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        _torchrun(2, args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    victims: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while not (out / "log.jsonl").exists() or len(_steps(out)) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the run did not get to step 2"
+            time.sleep(0.5)
+        victims = _children_with(proc.pid, "1")
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGSTOP)
+        output, _ = proc.communicate(timeout=150)
+    finally:
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "Timed out" in output and "rank 0 stops at step" in (out / "train.log").read_text(), output[-3000:]

@@ -590,9 +590,11 @@ class Run:
         model.load_state_dict(full)
         return model.to(self.device)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group; after a finished run, together (rank 0 may still be evaluating)."""
         if self.distributed and dist.is_initialized():
-            dist.barrier()  # rank 0 may still be evaluating; leave together
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -613,12 +615,22 @@ def _param_dtype(spec: str, device: torch.device, distributed: bool) -> torch.dt
 def train(cfg: RunConfig) -> dict:
     """Set up (or resume) and run; returns the summary (empty on ranks other than 0). SetupError:
     the configuration is unusable."""
-    run = None
+    run, finished = None, False
     try:
         run = Run(cfg)
-        return run.train()
+        summary = run.train()
+        finished = True
+        return summary
+    except Exception as err:
+        if run is not None and run.distributed:
+            log.error(
+                "rank %d stops at step %d: %s (a failed or stalled peer surfaces here, at the latest "
+                "after --pg-timeout %g s)", run.rank, run.state["global_step"] + 1,
+                str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__, cfg.pg_timeout,
+            )  # fmt: skip
+        raise
     finally:
         if run is not None:
-            run.close()
+            run.close(finished)
         elif dist.is_initialized():
             dist.destroy_process_group()
