@@ -58,7 +58,7 @@ class ViTBlock(nn.Module):
         attn = seedvl_kernels.varlen_attention(
             q, k, v, cu_seqlens, max_seqlen, pos_hw=pos_hw, rope_theta=self.rope_theta
         )
-        x = x + self.proj(attn.reshape(T, -1))
+        x = x + self.proj(attn.reshape(T, self.num_heads * self.head_dim))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 

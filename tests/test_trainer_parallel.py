@@ -335,3 +335,79 @@ def test_stalled_rank_times_out(tmp_path):
             proc.wait()
     assert proc.returncode != 0
     assert "Timed out" in output and "rank 0 stops at step" in (out / "train.log").read_text(), output[-3000:]
+
+
+# ----------------------------------------------------------------------------- a rank without images
+
+
+def _image_and_text_batches():
+    import numpy as np
+
+    from trainer.data.chat import LEVEL_PROMPT, Conversation, Turn, encode_conversation
+    from trainer.data.packer import SamplePool
+    from trainer.data.spatial import SpatialDataset
+    from trainer.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ds = SpatialDataset(0)
+    text = Conversation((Turn("user", ("How many sides has a square?",)), Turn("assistant", ("4",))), "t")
+
+    def batch(convs):
+        pool = SamplePool([encode_conversation(c, tok) for c in convs])
+        return pool.collate(np.arange(len(convs)), min_level=LEVEL_PROMPT, image_token_id=tok.image_token_id)
+
+    return tok, [batch([ds[0], ds[1]]), batch([text, text])]
+
+
+def _empty_vit_grads(model, batches, targets, accum):
+    from torch.distributed.tensor import DTensor
+
+    from trainer.loop import micro_batch_loss
+
+    for b in batches:
+        _, loss = micro_batch_loss(
+            model(**b.model_inputs()), b.labels, targets=targets, accum=accum, llm=model.cfg.llm
+        )
+        loss.backward()
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _empty_vit_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    from model.vlm import SeedVLM
+    from trainer import parallel
+    from trainer.loop import build_model_config
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    parallel.init_distributed(torch.device("cpu"), 60)
+    tok, batches = _image_and_text_batches()
+    torch.manual_seed(0)
+    model = SeedVLM(build_model_config("seedvl-tiny", tok))
+    parallel.parallelize(model, parallel.ParallelDims(dp=2, ep=2).build("cpu"))
+    targets = sum(b.num_targets for b in batches)
+    grads = _empty_vit_grads(model, batches[rank : rank + 1], targets, accum=2)
+    if rank == 0:
+        torch.save(grads, Path(out) / "grads.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_rank_without_images(tmp_path):
+    """dp=2,ep=2 where rank 1's micro-batch has no image: it runs the ViT on nothing, the collectives
+    stay in step, and the gradients equal the single-process ones over both micro-batches."""
+    from model.vlm import SeedVLM
+    from trainer.loop import build_model_config
+
+    tok, batches = _image_and_text_batches()
+    assert batches[0].num_images == 2 and batches[1].num_images == 0
+    torch.manual_seed(0)
+    model = SeedVLM(build_model_config("seedvl-tiny", tok))
+    ref = _empty_vit_grads(model, batches, sum(b.num_targets for b in batches), accum=2)
+    spawn(_empty_vit_worker, 2, str(tmp_path))
+    got = torch.load(tmp_path / "grads.pt")
+    for name, g in ref.items():
+        err, scale = (got[name] - g).abs().max().item(), g.abs().max().item()
+        assert err <= RTOL * max(scale, 1e-12), f"{name}: max error {err:.2e} (scale {scale:.2e})"
