@@ -226,14 +226,14 @@ def score_records(records: Sequence[EvalRecord], baseline: Baseline) -> dict[str
     for r in records:
         groups[r.kind].append(r)
     out = {}
-    for kind in sorted(groups, key=_kind_order):
+    for kind in sorted(groups, key=skill_order):
         out[kind] = _entry(groups[kind], baseline, kind)
     if records:
         out["all"] = _entry(records, baseline, None)
     return out
 
 
-def _kind_order(kind: str) -> tuple[int, str]:
+def skill_order(kind: str) -> tuple[int, str]:
     return (KINDS.index(kind) if kind in KINDS else len(KINDS), kind)
 
 
