@@ -289,6 +289,16 @@ def load_checkpoint(path: str | Path, device: torch.device, *, max_pixels: int |
     return Loaded(model.to(device).eval(), tok, encode, ckpt, meta)
 
 
+def device_arg(spec: str) -> torch.device:
+    """The --device argument: "auto" is the GPU when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {spec!r}") from None
+
+
 def format_table(result: EvalResult) -> str:
     """One line per skill: accuracy and baseline, the graded score and its baseline, n."""
     fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         help="questions per skill (spatial), or at most this many held-out samples (manifest); default 50")
     add("--fraction", type=float, default=0.05, help="a manifest's held-out fraction (0.05)")
     add("--batch", type=int, default=32, help="questions answered together (32)")
-    add("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    add("--device", type=device_arg, default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     add("--max-pixels", type=int, help="per-image pixel budget (default: the run's)")
     add("--gallery", type=Path, metavar="PNG", help="also draw the answers as a grid of scenes into PNG")
     add("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -332,10 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--num", a.num), ("--batch", a.batch)):
         if value < 1:
             p.error(f"{flag}: expected >= 1, got {value}")
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)  # fmt: skip
     try:
-        loaded = load_checkpoint(a.checkpoint, device, max_pixels=a.max_pixels)
+        loaded = load_checkpoint(a.checkpoint, a.device, max_pixels=a.max_pixels)
         run = loaded.meta["run"]
         budget = max((s["seq_len"] for s in run.get("stages", ())), default=4096)
         if a.data == "spatial":
@@ -346,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             heldout = HeldOut.manifest(
                 a.data, loaded.tok, loaded.encode, num=a.num, fraction=a.fraction, budget=budget
             )
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError, and bad data
         print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
         return 2
-    result = heldout.evaluate(loaded.model, device, batch=a.batch)
+    result = heldout.evaluate(loaded.model, a.device, batch=a.batch)
     where = f"{loaded.path} (step {loaded.meta.get('global_step')}, stage {loaded.meta.get('stage')})"
     if a.gallery is not None:
         from .gallery import write_gallery
