@@ -123,8 +123,10 @@ def _box(ax, text: str, shape: tuple[int, ...], **style) -> None:
 
 
 def _wrap(text: str, lines: int) -> str:
-    """``text`` with its whitespace collapsed, wrapped, and cut to ``lines`` lines."""
-    wrapped = textwrap.wrap(" ".join(text.split()), TEXT_WIDTH) or [""]
+    """``text`` with its whitespace collapsed and control characters (an untrained model's bytes)
+    shown as "·", wrapped, and cut to ``lines`` lines."""
+    text = "".join(c if c.isprintable() else "·" for c in " ".join(text.split()))
+    wrapped = textwrap.wrap(text, TEXT_WIDTH) or [""]
     if len(wrapped) > lines:
         wrapped = [*wrapped[: lines - 1], wrapped[lines - 1][: TEXT_WIDTH - 1] + "…"]
     return "\n".join(wrapped)
