@@ -60,6 +60,13 @@ combine, the same twice more in backward; plus W*E_l*4 bytes of counts. No FLOPs
 
 Shapes: x (T, D), expert_ids (T, k) int32, gate_weights (T, k) -> x_local (R, D), offsets_local
 (E_l+1,) int32; y (R, D) -> out (T, D).
+
+Layout: x and y need a contiguous last dimension (rows are sent as they are); expert_ids and
+gate_weights may have any strides; the expert weights follow grouped_gemm's rules. Non-finite
+values travel with their rows: a NaN/inf in x[t] or gate_weights[t] reaches out[t] only (on its
+own rank), one in an expert's weights reaches the tokens routed to that expert, whichever rank
+sent them. Expert ids outside [0, E) are refused on CPU; on a GPU they are not checked (that
+would sync) and must not occur.
 """
 
 from __future__ import annotations

@@ -172,6 +172,12 @@ def route(
         :class:`RouteOutput` (gate_weights (T, k) fp32, expert_ids (T, k) int32,
         load_balancing_loss () fp32, router_z_loss () fp32, tokens_per_expert (E,) int32).
         gate_weights and both losses are differentiable in logits.
+
+    Layout: logits, bias and token_mask may have any strides (plain PyTorch ops read them).
+    Non-finite values: a token whose logits hold a NaN gets NaN gate weights and k distinct but
+    unspecified experts (top-k orders NaN above every number), and makes both losses NaN if it is
+    counted (mask it out to keep them finite); +inf logits behave the same under softmax. Finite
+    logits of any size are safe: the math is a stable softmax / sigmoid in fp32.
     """
     _validate.tensor("logits", logits)
     _validate.ndim("logits", logits, 2, "(T, E)")
