@@ -155,7 +155,6 @@ class HeldOut:
         self, model: SeedVLM, device: torch.device, *, batch: int = 32, max_new_tokens: int | None = None
     ) -> list[EvalRecord]:
         """Greedy answers to every question (module docstring), in order."""
-        eos = self.tok.special_id(T.IM_END)
         records = []
         was_training = model.training
         model.eval()
@@ -163,29 +162,29 @@ class HeldOut:
             for _, same_kind in itertools.groupby(self.questions, key=lambda q: q.kind):
                 group = list(same_kind)
                 for start in range(0, len(group), batch):
-                    chunk = group[start : start + batch]
-                    prompts = [
-                        encode_conversation(
-                            Conversation(q.prompt, q.sample_id),
-                            self.tok,
-                            self.encode,
-                            add_generation_prompt=True,
-                        )
-                        for q in chunk
-                    ]
-                    cap = max_new_tokens or MARGIN + max(len(self.tok.encode(q.truth)) for q in chunk)
-                    ids = [torch.from_numpy(p.ids).long() for p in prompts]
-                    images = packed_images([im for p in prompts for im in p.images], device)
-                    outs = generate(model, ids, cap, eos_id=eos, images=images)
-                    for q, out in zip(chunk, outs, strict=True):
-                        text = decode_reply(self.tok, out.tolist())
-                        ok = check_answer(q.kind, text, q.truth)
-                        score = graded_score(q.kind, text, q.truth)
-                        records.append(
-                            EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id)
-                        )
+                    records += self._answer_batch(model, group[start : start + batch], device, max_new_tokens)
         finally:
             model.train(was_training)
+        return records
+
+    def _answer_batch(
+        self, model: SeedVLM, questions: list[Question], device: torch.device, max_new_tokens: int | None
+    ) -> list[EvalRecord]:
+        prompts = [
+            encode_conversation(
+                Conversation(q.prompt, q.sample_id), self.tok, self.encode, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        cap = max_new_tokens or MARGIN + max(len(self.tok.encode(q.truth)) for q in questions)
+        ids = [torch.from_numpy(p.ids).long() for p in prompts]
+        images = packed_images([im for p in prompts for im in p.images], device)
+        outs = generate(model, ids, cap, eos_id=self.tok.special_id(T.IM_END), images=images)
+        records = []
+        for q, out in zip(questions, outs, strict=True):
+            text = decode_reply(self.tok, out.tolist())
+            ok, score = check_answer(q.kind, text, q.truth), graded_score(q.kind, text, q.truth)
+            records.append(EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id))
         return records
 
     def evaluate(self, model: SeedVLM, device: torch.device, **answer_kwargs) -> EvalResult:
