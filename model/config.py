@@ -168,8 +168,10 @@ DSV2_LITE_GQA = LLMConfig(
     num_experts=64, top_k=6, moe_ffn_dim=1408, num_shared_experts=2, num_dense_layers=1,
     dense_ffn_dim=10944, rope_theta=10000.0, qk_norm=False, router_renormalize=False,
 )  # fmt: skip
+# The tiny presets speak the trainer's byte tokenizer (trainer/data/tokenizer.py): 256 bytes + 12
+# special tokens in 272 rows, <|image_pad|> = 261, so preset and tokenizer agree by construction.
 LLM_TINY = LLMConfig(
-    vocab_size=256, hidden=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
+    vocab_size=272, hidden=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
     num_experts=4, top_k=2, moe_ffn_dim=32, rope_theta=10000.0, z_loss_coef=1e-3,
 )  # fmt: skip
 # Exercises the DeepSeek paths (shared experts, a dense first layer, no renormalisation).
@@ -185,7 +187,7 @@ def _vlm(vit: ViTConfig, llm: LLMConfig, image_token_id: int) -> VLMConfig:
 
 
 # Qwen's tokenizer has <|image_pad|> = 151655; DeepSeek-V2's has no image token, so the last id is
-# reserved for it; the tiny vocabulary reserves its last id too.
+# reserved for it; the tiny presets use the byte tokenizer's <|image_pad|>.
 PRESETS: dict[str, Config] = {
     "seedvit-532m": SEEDVIT_532M,
     "vit-tiny": VIT_TINY,
@@ -197,8 +199,8 @@ PRESETS: dict[str, Config] = {
     "seedvl-qwen3-235b-a22b": _vlm(SEEDVIT_532M, QWEN3_235B_A22B, image_token_id=151655),
     "seedvl-qwen3-30b-a3b": _vlm(SEEDVIT_532M, QWEN3_30B_A3B, image_token_id=151655),
     "seedvl-dsv2-lite-gqa": _vlm(SEEDVIT_532M, DSV2_LITE_GQA, image_token_id=102399),
-    "seedvl-tiny": _vlm(VIT_TINY, LLM_TINY, image_token_id=255),
-    "seedvl-tiny-shared": _vlm(VIT_TINY, LLM_TINY_SHARED, image_token_id=255),
+    "seedvl-tiny": _vlm(VIT_TINY, LLM_TINY, image_token_id=261),
+    "seedvl-tiny-shared": _vlm(VIT_TINY, LLM_TINY_SHARED, image_token_id=261),
 }
 
 

@@ -7,8 +7,10 @@ import logging
 
 import pytest
 
+from model.config import get_preset
 from trainer.data import tokenizer as T
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, model_vocab_size
+from trainer.loop import build_model_config
 
 TEXTS = [
     "",
@@ -41,6 +43,11 @@ def test_byte_special_tokens():
     assert tok.encode("<think") == list(b"<think")
     assert model_vocab_size(tok, preset_vocab=256) == 272
     assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
+    # The tiny presets agree with the byte tokenizer by construction: usable without the trainer.
+    for preset in ("seedvl-tiny", "seedvl-tiny-shared"):
+        cfg = get_preset(preset)
+        assert build_model_config(preset, tok) == cfg
+        assert (cfg.llm.vocab_size, cfg.image_token_id) == (272, tok.image_token_id)
     with pytest.raises(ValueError, match=r"not in 0\.\.267"):
         tok.decode([300])
 
