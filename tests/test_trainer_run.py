@@ -142,7 +142,10 @@ def test_kill_resume_and_default_recipe(tmp_path):
     assert list((default / "tensorboard").glob("events.out.tfevents.*"))
     assert (default / "checkpoints" / "latest").read_text().strip() == f"step_{default_summary['steps']:08d}"
     assert list((default / "profile").glob("trace_steps_2-3.json"))
-    assert "held-out answers correct" in default_text
+    assert "held-out accuracy (blind baseline), per skill:" in default_text
+    assert set(default_summary["eval"]) >= {"count", "closer", "all"}
+    assert default_summary["eval"]["count"]["total"] == 2 and "baseline" in default_summary["eval"]["count"]
+    assert (default / "eval_gallery.png").stat().st_size > 10_000
 
 
 def test_setup_errors_are_one_line(tmp_path, capsys):

@@ -101,6 +101,20 @@ class RunLog:
     def event(self, name: str, **data) -> None:
         self._file.write(json.dumps({"event": name, **data}) + "\n")
 
+    def eval(self, step: int, loss: float | None, scores: dict, scalars: dict[str, float]) -> None:
+        """A held-out evaluation: an ``eval`` event in log.jsonl, its numbers in TensorBoard."""
+        brief = {k: {f: v[f] for f in ("accuracy", "baseline", "total") if f in v} for k, v in scores.items()}
+        self.event("eval", step=step, loss=loss, scores=brief)
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if "all" in scores:
+            log.info(
+                "step %d held-out: loss %s, accuracy %.2f (baseline %.2f) over %d questions", step,
+                "-" if loss is None else f"{loss:.3f}", scores["all"]["accuracy"], scores["all"]["baseline"],
+                scores["all"]["total"],
+            )  # fmt: skip
+
     def close(self) -> None:
         self._bar.close()
         if self._tb is not None:
@@ -117,6 +131,9 @@ class NullRunLog:
     def event(self, name: str, **data) -> None:
         pass
 
+    def eval(self, step: int, loss: float | None, scores: dict, scalars: dict[str, float]) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -130,7 +147,7 @@ def read_steps(path: Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-            if "step" in rec and "loss" in rec:
+            if "step" in rec and "loss" in rec and "event" not in rec:
                 by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
 
@@ -156,8 +173,22 @@ def stage_summary(records: list[dict], edge: int = 10) -> list[dict]:
     return out
 
 
-def plot_losses(records: list[dict], png: Path) -> Path | None:
-    """Loss (raw and smoothed) and LR against the step, one colour per stage."""
+def read_events(path: Path, name: str) -> list[dict]:
+    """The ``name`` events of a log.jsonl (e.g. "eval"), in order."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return [e for e in events if e.get("event") == name]
+
+
+def plot_losses(records: list[dict], png: Path, evals: list[dict] | None = None) -> Path | None:
+    """Loss (raw and smoothed) and LR against the step, one colour per stage; with ``evals`` (eval
+    events), the held-out loss on the loss panel and the held-out accuracy against its baseline."""
     if not records:
         return None
     import matplotlib
@@ -165,7 +196,22 @@ def plot_losses(records: list[dict], png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
+    evals = [e for e in evals or [] if "all" in e.get("scores", {})]
+    if evals:
+        fig, (ax, ax_acc, ax_lr) = plt.subplots(3, 1, figsize=(9, 8), sharex=True, height_ratios=(3, 1.5, 1))
+        steps = [e["step"] for e in evals]
+        held = [(e["step"], e["loss"]) for e in evals if e.get("loss") is not None]
+        if held:
+            ax.plot(*zip(*held, strict=True), "k.--", linewidth=0.8, label="held-out (answers)")
+        ax_acc.plot(steps, [e["scores"]["all"]["accuracy"] for e in evals], "k.-", label="held-out accuracy")
+        ax_acc.plot(steps, [e["scores"]["all"]["baseline"] for e in evals], color="gray", linestyle=":",
+                    label="blind baseline")  # fmt: skip
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1)
+        ax_acc.legend(fontsize=8)
+        ax_acc.grid(alpha=0.3)
+    else:
+        fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
     stages: dict[str, list[dict]] = {}
     for r in records:
         stages.setdefault(r["stage"], []).append(r)

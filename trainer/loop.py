@@ -46,19 +46,22 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from model.config import LLMConfig, VLMConfig, get_preset
 from model.llm import LLMOutput
-from model.preprocess import FACTOR, MAX_PIXELS
 from model.vlm import SeedVLM
 
 from . import logs, parallel
 from .checkpoint import Checkpointer
-from .data.chat import EncodeConfig, SkipLog
+from .data.chat import SkipLog
 from .data.packer import IGNORE_INDEX, PackedBatch
 from .data.stream import BatchStream, Position, Prefetcher, Source
 from .data.tokenizer import Tokenizer, load_tokenizer, model_vocab_size
+from .evaluate import EvalResult, HeldOut, encode_config, split_manifest
+from .gallery import write_gallery
 from .profiling import StepProfiler, nvtx_range
 from .recipes import MODULES, Stage, apply_overrides, get_recipe, scale_to, with_steps
 
 log = logging.getLogger("trainer")
+
+PERIODIC_PER_SKILL = 16  # held-out questions per skill in the periodic evaluation (~2 s on a CPU)
 
 
 @dataclass
@@ -81,7 +84,8 @@ class RunConfig:
     keep: int = 2
     window: int = 256  # samples planned together by the packer
     max_pixels: int | None = None  # per-image pixel budget; default by preset
-    eval_samples: int = 64  # held-out spatial questions answered at the end (spatial data only)
+    eval_samples: int = 50  # held-out questions per skill answered at the end (0: no evaluation)
+    eval_every: int = 100  # held-out loss and accuracy every N steps (PERIODIC_PER_SKILL; 0: off)
     profile_steps: tuple[int, int] | None = None
     profiler: str = "torch"  # "torch" (trace file) or "nsys" (cudaProfilerStart/Stop only)
     progress: bool = True
@@ -183,7 +187,7 @@ def _source(spec: str, seed: int, skips: SkipLog) -> Source:
         return SpatialDataset(seed)
     from .data.manifest import ManifestDataset
 
-    return ManifestDataset(spec, skips=skips)
+    return split_manifest(ManifestDataset(spec, skips=skips))[0]  # its held-out part is never trained on
 
 
 def _signature(cfg: RunConfig, model_cfg: VLMConfig, stages: tuple[Stage, ...]) -> dict:
@@ -191,6 +195,8 @@ def _signature(cfg: RunConfig, model_cfg: VLMConfig, stages: tuple[Stage, ...]) 
     return {
         "preset": cfg.preset,
         "tokenizer": cfg.tokenizer,
+        "data": cfg.data,
+        "max_pixels": cfg.max_pixels,
         "vocab_size": model_cfg.llm.vocab_size,
         "seed": cfg.seed,
         "window": cfg.window,
@@ -225,7 +231,7 @@ def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
     if previous and cfg.overwrite:
         for name in ("checkpoints", "tensorboard", "profile"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("log.jsonl", "train.log", "loss.png", "summary.json"):
+        for name in ("log.jsonl", "train.log", "loss.png", "summary.json", "eval_gallery.png"):
             (out / name).unlink(missing_ok=True)
     elif previous and not cfg.resume:
         raise SetupError(
@@ -273,10 +279,7 @@ class Run:
             self.model_cfg = build_model_config(cfg.preset, self.tok)
             stages = scale_to(get_recipe(cfg.recipe), self.model_cfg)
             self.stages = apply_overrides(with_steps(stages, cfg.steps, cfg.tokens), cfg.overrides)
-            tiny = self.model_cfg.llm.hidden < 2048
-            self.encode = EncodeConfig(
-                max_pixels=cfg.max_pixels or (64 * FACTOR * FACTOR if tiny else MAX_PIXELS)
-            )
+            self.encode = encode_config(self.model_cfg, cfg.max_pixels)
             keys = dict.fromkeys(s.data or cfg.data for s in self.stages)
             self.streams = {key: self._stream(key) for key in keys}
             llm = self.model_cfg.llm
@@ -305,6 +308,7 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.resumed_stage: int | None = None
+        self._heldouts: dict[int, HeldOut] = {}
         resume_from = self.ckpt.latest() if cfg.resume else None
         if cfg.init is not None and resume_from is None:
             self._init_weights(Path(cfg.init))
@@ -534,23 +538,49 @@ class Run:
                         record["tok_per_s"] = record["tokens"] / max(now - t_last, 1e-9)
                         if self.distributed:
                             record["rank_tok_per_s"] = record["rank_tokens"] / max(now - t_last, 1e-9)
-                        t_last = now
                         runlog.step(record)
                         if state["stage_step"] == stage.steps or state["global_step"] % cfg.ckpt_every == 0:
                             self.save()
+                        if cfg.eval_every and state["global_step"] % cfg.eval_every == 0:
+                            self._evaluate(runlog, PERIODIC_PER_SKILL)
+                        t_last = time.time()
                 finally:
                     batches.close()
                 runlog.event(
                     "stage_end", stage=stage.name, step=state["global_step"], skipped=dict(self.skips.counts)
                 )
+            final = self._evaluate(runlog, cfg.eval_samples)
         finally:
             profiler.end(state["global_step"], force=True)
             runlog.close()
-        return self._finish(time.time() - t_start)
+        return self._finish(time.time() - t_start, final)
 
-    def _finish(self, wall_s: float) -> dict:
-        """Summary, plot and held-out evaluation, written by rank 0 (the others return {})."""
+    def _heldout(self, per_skill: int) -> HeldOut:
+        """The held-out set of ``per_skill`` questions per skill (or manifest samples), built once."""
+        if per_skill not in self._heldouts:
+            budget = max(s.seq_len for s in self.stages)
+            if self.cfg.data == "spatial":
+                held = HeldOut.spatial(
+                    self.tok, self.encode, seed=self.cfg.seed, per_skill=per_skill, budget=budget
+                )
+            else:
+                held = HeldOut.manifest(self.cfg.data, self.tok, self.encode, num=per_skill, budget=budget)
+            self._heldouts[per_skill] = held
+        return self._heldouts[per_skill]
+
+    def _evaluate(self, runlog: logs.RunLog | logs.NullRunLog, per_skill: int) -> EvalResult | None:
+        """Held-out loss and answers, on rank 0 (every rank takes part in gathering the weights)."""
+        if per_skill <= 0:
+            return None
         model = self._gathered_model()
+        if self.rank != 0:
+            return None
+        result = self._heldout(per_skill).evaluate(model, self.device)
+        runlog.eval(self.state["global_step"], result.loss, result.scores, result.scalars())
+        return result
+
+    def _finish(self, wall_s: float, final: EvalResult | None) -> dict:
+        """Summary, plot and gallery, written by rank 0 (the others return {})."""
         if self.rank != 0:
             return {}
         records = logs.read_steps(self.out / "log.jsonl")
@@ -564,15 +594,15 @@ class Run:
             "skipped": dict(self.skips.counts),
             "checkpoint": str(latest) if latest else None,
         }
-        png = logs.plot_losses(records, self.out / "loss.png")
+        png = logs.plot_losses(
+            records, self.out / "loss.png", logs.read_events(self.out / "log.jsonl", "eval")
+        )
         summary["loss_plot"] = str(png) if png else None
-        if self.cfg.eval_samples > 0 and self.cfg.data == "spatial":
-            from .evaluate import evaluate_spatial
-
-            summary["eval"] = evaluate_spatial(
-                model, self.tok, seed=self.cfg.seed, num=self.cfg.eval_samples, encode=self.encode,
-                device=self.device,
-            )  # fmt: skip
+        if final is not None:
+            summary["eval"] = final.scores
+            summary["eval_loss"] = final.loss
+            title = f"step {self.state['global_step']}: {self._heldout(self.cfg.eval_samples).name}"
+            summary["gallery"] = str(write_gallery(final.records, self.out / "eval_gallery.png", title=title))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 

@@ -72,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--keep", type=int, default=2, help="checkpoints to keep (2)")
     add("--window", type=int, default=256, help="samples bin-packed together (256)")
     add("--max-pixels", type=int, help="per-image pixel budget (default 224x224 tiny, else 3584x3584)")
-    add("--eval-samples", type=int, default=64, help="held-out spatial questions answered at the end (64)")
+    add("--eval-samples", type=int, default=50,
+        help="held-out questions per skill (or manifest samples) answered at the end, next to a blind "
+        "baseline, with a gallery PNG (50; 0: none)")
+    add("--eval-every", type=int, default=100, metavar="N",
+        help="held-out loss and accuracy every N steps, 16 questions per skill (100; 0: never)")
     add("--profile-steps", type=_steps_range, metavar="A:B", help="profile steps A..B (as in the log)")
     add("--profiler", choices=("torch", "nsys"), default="torch",
         help="torch (default): a trace file; nsys: only cudaProfilerStart/Stop around the steps")
@@ -93,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         tokens=None if a.tokens is None else int(a.tokens), overrides=a.overrides, seed=a.seed,
         device=a.device, deterministic=a.deterministic, resume=a.resume, init=a.init,
         overwrite=a.overwrite, ckpt_every=a.ckpt_every, keep=a.keep, window=a.window,
-        max_pixels=a.max_pixels, eval_samples=a.eval_samples, profile_steps=a.profile_steps,
+        max_pixels=a.max_pixels, eval_samples=a.eval_samples, eval_every=a.eval_every,
+        profile_steps=a.profile_steps,
         profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
     )  # fmt: skip
@@ -107,8 +112,10 @@ def _report(summary: dict) -> str:
             f"  ({s['tok_per_s']:.0f} tok/s)"
         )
     if summary.get("eval"):
-        acc = "  ".join(f"{k} {v['correct']}/{v['total']}" for k, v in summary["eval"].items())
-        lines.append(f"  held-out answers correct: {acc}")
+        lines.append("  held-out accuracy (blind baseline), per skill:")
+        for kind, v in summary["eval"].items():
+            lines.append(f"    {kind:<12} {v['accuracy']:.2f} ({v['baseline']:.2f})  n={v['total']}")
+        lines.append(f"  gallery {summary['gallery']}")
     if summary["skipped"]:
         lines.append(f"  skipped samples: {summary['skipped']}")
     lines.append(f"  loss plot {summary['loss_plot']}; checkpoint {summary['checkpoint']}")
