@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import VLMConfig, get_preset  # noqa: E402
-from model.summary import count  # noqa: E402
+from model.config import VLMConfig, get_preset
+from model.summary import count
 
 BF16, FP32 = 2, 4
 
