@@ -1,17 +1,30 @@
-# Common loops. `make help` lists them.
-PY ?= python3
+# Common loops. `make help` lists them. `make run` and `make test` set up the environment first
+# (scripts/setup_env.sh): the active virtual environment, or ./.venv, created when missing.
+ifdef VIRTUAL_ENV
+PY ?= python
+else
+PY ?= .venv/bin/python
+endif
 
-.PHONY: help install build test test-gpu bench lint format gpu-pass info clean
+.PHONY: help setup run install build test test-gpu bench lint format gpu-pass info clean
 
 help:
+	@echo "run       set up, then the main job (python trainer/run.py)"
+	@echo "test      set up, then pytest (CPU: reference + Triton interpreter; GPU tests skip without a GPU)"
+	@echo "setup     a virtual environment with torch (CPU or CUDA build, as the machine has) and this project"
 	@echo "install   editable install with dev tools (builds seedvl_kernels._C when nvcc exists)"
 	@echo "build     rebuild the extension in place after editing csrc/ (no build isolation)"
-	@echo "test      pytest (CPU: reference + Triton interpreter; GPU tests skip without a GPU)"
 	@echo "test-gpu  pytest -m gpu"
 	@echo "bench     pytest bench/ (results JSON under bench/results/ on a GPU)"
 	@echo "lint      ruff check + ruff format --check"
 	@echo "gpu-pass  build + GPU tests + benchmarks in one go (scripts/gpu_pass.sh)"
 	@echo "info      python -m seedvl_kernels.info"
+
+setup:
+	bash scripts/setup_env.sh
+
+run: setup
+	$(PY) trainer/run.py
 
 install:
 	$(PY) -m pip install -e ".[dev]"
@@ -19,7 +32,7 @@ install:
 build:
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --no-build-isolation --no-deps -e .
 
-test:
+test: setup
 	$(PY) -m pytest
 
 test-gpu:
