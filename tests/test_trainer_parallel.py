@@ -411,3 +411,30 @@ def test_rank_without_images(tmp_path):
     for name, g in ref.items():
         err, scale = (got[name] - g).abs().max().item(), g.abs().max().item()
         assert err <= RTOL * max(scale, 1e-12), f"{name}: max error {err:.2e} (scale {scale:.2e})"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_sigterm_to_one_rank_stops_all_after_the_same_step(tmp_path):
+    """Preemption under torchrun: SIGTERM reaches rank 1 only; the ranks agree through the step's
+    all-reduce, save one checkpoint together and exit 0."""
+    out = tmp_path / "run"
+    args = ["--steps", "400", "--window", "64", "--eval-samples", "0", "--eval-every", "0", "--no-progress",
+            "--no-tensorboard", "--parallel", "dp=2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        _torchrun(2, args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 180
+        while not (out / "log.jsonl").exists() or len(_steps(out)) < 3:
+            assert proc.poll() is None and time.time() < deadline, "the run did not get to step 3"
+            time.sleep(0.3)
+        os.kill(_children_with(proc.pid, "1")[0], signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    step = _steps(out)[-1]["step"]
+    assert f"preempted by a stop signal: saved step {step} to " in output
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"

@@ -18,11 +18,17 @@ temporary directory; rank 0 writes DCP's metadata and, once every rank has finis
 ``meta.json``, commits the directory by renaming it and moves ``latest``. DCP stores each tensor's
 global shape and every shard's offsets, so a checkpoint loads under any other layout (resharding),
 single process included. The RNG states saved are rank 0's (every rank is seeded alike).
+
+Integrity: ``meta.json`` lists every file of the checkpoint with its size and SHA-256 (each rank
+hashes the files it wrote). :meth:`Checkpointer.latest_good` verifies them and falls back past a
+damaged checkpoint (a truncated shard, broken metadata) to the newest intact one, saying in one
+line what is wrong; it never deletes anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +79,46 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(directory: Path) -> dict[str, dict]:
+    """Size and SHA-256 of the files this rank wrote (its shards; rank 0 also DCP's metadata),
+    gathered on every rank."""
+    rank = dist.get_rank() if dist.is_initialized() else None
+    mine = {}
+    for f in sorted(directory.iterdir()):
+        if rank is None or f.name.startswith(f"__{rank}_") or (rank == 0 and not f.name.startswith("__")):
+            mine[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    if rank is None:
+        return mine
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (None: intact, or written before checksums)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"meta.json is unreadable ({type(err).__name__}: {err})"
+    for name, want in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,6 +154,24 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def latest_good(self) -> Path | None:
+        """The newest intact checkpoint, starting from :meth:`latest`; each damaged one passed over
+        is named in one warning line (and kept). Every rank calls it; rank 0 decides."""
+        chosen: list[str | None] = [None]
+        if _is_rank0():
+            latest = self.latest()
+            candidates = [latest] if latest is not None else []
+            candidates += [p for p in reversed(self.complete()) if p != latest]
+            for path in candidates:
+                problem = verify(path)
+                if problem is None:
+                    chosen[0] = str(path)
+                    break
+                log.warning("checkpoint %s is damaged (%s); falling back to an earlier one", path, problem)
+        if dist.is_initialized():
+            dist.broadcast_object_list(chosen, src=0)
+        return None if chosen[0] is None else Path(chosen[0])
+
     def save(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict
     ) -> Path:
@@ -125,11 +189,21 @@ class Checkpointer:
         with _single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp))
         _barrier()  # every rank's shard is on disk
+        files = _file_records(tmp)
         if _is_rank0():
-            (tmp / "meta.json").write_text(meta + "\n")
+            (tmp / "meta.json").write_text(
+                json.dumps({**trainer_state, "files": files}, indent=1, sort_keys=True) + "\n"
+            )
             _fsync_dir(tmp)
             if final.exists():  # the same step saved again (e.g. resumed at a stage end): replace it
-                shutil.rmtree(final)
+                problem = verify(final)
+                if problem is None:
+                    shutil.rmtree(final)
+                else:  # kept for inspection, out of the way
+                    aside = final.with_name(f"{final.name}.damaged")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(final, aside)
+                    log.warning("moved the damaged %s (%s) to %s", final, problem, aside)
             os.rename(tmp, final)
             pointer_tmp = self.root / f".{LATEST}.tmp"
             pointer_tmp.write_text(final.name + "\n")

@@ -35,6 +35,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -99,6 +101,14 @@ class RunConfig:
 class SetupError(RuntimeError):
     """The run cannot start as configured (unknown preset, bad override, unusable data, an occupied
     output directory, a checkpoint from another configuration); the message says what to change."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint at the next step boundary and stopped."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal_name}: saved step {step} to {checkpoint}; continue with --resume")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -309,7 +319,9 @@ class Run:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.resumed_stage: int | None = None
         self._heldouts: dict[int, HeldOut] = {}
-        resume_from = self.ckpt.latest() if cfg.resume else None
+        self._stop_signal: str | None = None  # set by SIGTERM/SIGINT (see _catch_stop_signals)
+        self._stop_agreed = False
+        resume_from = self.ckpt.latest_good() if cfg.resume else None
         if cfg.init is not None and resume_from is None:
             self._init_weights(Path(cfg.init))
         if self.distributed:
@@ -340,7 +352,7 @@ class Run:
 
     def _resume(self, path: Path | None) -> None:
         if path is None:
-            log.info("--resume: no checkpoint in %s; starting from scratch", self.ckpt.root)
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.ckpt.root)
             return
         meta = Checkpointer.read_meta(path)
         _check_resume(meta["run"], self.signature, path)
@@ -444,9 +456,13 @@ class Run:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+        # A stop signal reaches the ranks at different moments; summing the flags with the step's
+        # numbers makes every rank see it after the same step.
+        sums = torch.cat([sums, sums.new_tensor([float(self._stop_signal is not None)])])
         if self.distributed:
             dist.all_reduce(sums)
-        ce_sum, lb_sum, z_sum = sums.tolist()  # the step's host synchronisation, for the log
+        ce_sum, lb_sum, z_sum, stop = sums.tolist()  # the step's host synchronisation, for the log
+        self._stop_agreed = stop > 0
         self.state["global_step"] += 1
         self.state["stage_step"] += 1
         self.state["tokens"] += counts["tokens"]
@@ -519,6 +535,7 @@ class Run:
             runlog = logs.NullRunLog()
         profiler = StepProfiler(cfg.profile_steps if self.rank == 0 else None, self.out, cfg.profiler)
         t_start = time.time()
+        restore = self._catch_stop_signals()
         try:
             for index in range(state["stage_index"], len(self.stages)):
                 stage = self.stages[index]
@@ -539,8 +556,12 @@ class Run:
                         if self.distributed:
                             record["rank_tok_per_s"] = record["rank_tokens"] / max(now - t_last, 1e-9)
                         runlog.step(record)
+                        saved = None
                         if state["stage_step"] == stage.steps or state["global_step"] % cfg.ckpt_every == 0:
-                            self.save()
+                            saved = self.save()
+                        if self._stop_agreed:
+                            saved = saved or self.save()
+                            raise Preempted(self._stop_signal or "a stop signal", state["global_step"], saved)
                         if cfg.eval_every and state["global_step"] % cfg.eval_every == 0:
                             self._evaluate(runlog, PERIODIC_PER_SKILL)
                         t_last = time.time()
@@ -551,9 +572,26 @@ class Run:
                 )
             final = self._evaluate(runlog, cfg.eval_samples)
         finally:
+            restore()
             profiler.end(state["global_step"], force=True)
             runlog.close()
         return self._finish(time.time() - t_start, final)
+
+    def _catch_stop_signals(self):
+        """SIGTERM and SIGINT ask for a checkpoint at the next step boundary and a clean stop
+        (preemption); a second SIGINT interrupts at once. Returns what restores the old handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def request(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = name
+            log.warning("%s: saving a checkpoint after this step, then stopping", name)
+
+        old = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in old.items()]
 
     def _heldout(self, per_skill: int) -> HeldOut:
         """The held-out set of ``per_skill`` questions per skill (or manifest samples), built once."""
@@ -652,7 +690,7 @@ def train(cfg: RunConfig) -> dict:
         finished = True
         return summary
     except Exception as err:
-        if run is not None and run.distributed:
+        if run is not None and run.distributed and not isinstance(err, Preempted):
             log.error(
                 "rank %d stops at step %d: %s (a failed or stalled peer surfaces here, at the latest "
                 "after --pg-timeout %g s)", run.rank, run.state["global_step"] + 1,

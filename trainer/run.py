@@ -26,7 +26,7 @@ elif str(_REPO) not in sys.path:
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-from trainer.loop import RunConfig, SetupError, train  # noqa: E402
+from trainer.loop import Preempted, RunConfig, SetupError, train  # noqa: E402
 from trainer.recipes import RECIPES, STAGES  # noqa: E402
 
 
@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if rank0:
+            print(f"preempted by {stop}")
+        return 0
     if rank0:
         print(_report(summary))
     return 0
