@@ -38,7 +38,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ from model.vlm import SeedVLM
 
 from . import logs, parallel
 from .checkpoint import Checkpointer
+from .config import RunConfig, SetupError, as_dict, check_resume, dump_toml, signature, validate
 from .data.chat import SkipLog
 from .data.packer import IGNORE_INDEX, PackedBatch
 from .data.stream import BatchStream, Position, Prefetcher, Source
@@ -64,43 +65,6 @@ from .recipes import MODULES, Stage, apply_overrides, get_recipe, scale_to, with
 log = logging.getLogger("trainer")
 
 PERIODIC_PER_SKILL = 16  # held-out questions per skill in the periodic evaluation (~2 s on a CPU)
-
-
-@dataclass
-class RunConfig:
-    recipe: str = "vlm"
-    preset: str = "seedvl-tiny"
-    data: str = "spatial"  # "spatial" (embedded procedural data) or a JSONL manifest path
-    tokenizer: str = "bytes"  # "bytes" or a local Hugging Face tokenizer directory
-    out: Path | None = None  # default runs/<recipe>-<preset>
-    steps: int | None = None  # total steps over all stages (proportions kept)
-    tokens: int | None = None  # or a total token budget
-    overrides: list[str] = field(default_factory=list)
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool | None = None  # default: on for CPU, off for GPU
-    resume: bool = False
-    overwrite: bool = False
-    init: Path | None = None  # start from the model weights of this checkpoint (or run directory)
-    ckpt_every: int = 100
-    keep: int = 2
-    window: int = 256  # samples planned together by the packer
-    max_pixels: int | None = None  # per-image pixel budget; default by preset
-    eval_samples: int = 50  # held-out questions per skill answered at the end (0: no evaluation)
-    eval_every: int = 100  # held-out loss and accuracy every N steps (PERIODIC_PER_SKILL; 0: off)
-    profile_steps: tuple[int, int] | None = None
-    profiler: str = "torch"  # "torch" (trace file) or "nsys" (cudaProfilerStart/Stop only)
-    progress: bool = True
-    tensorboard: bool = True
-    prefetch: int = 2
-    parallel: str | None = None  # "dp=D,cp=C,ep=E" under torchrun; None: dp = the world size
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPUs under FSDP, else fp32), "bf16", "fp32"
-    pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
-
-
-class SetupError(RuntimeError):
-    """The run cannot start as configured (unknown preset, bad override, unusable data, an occupied
-    output directory, a checkpoint from another configuration); the message says what to change."""
 
 
 class Preempted(Exception):
@@ -200,34 +164,6 @@ def _source(spec: str, seed: int, skips: SkipLog) -> Source:
     return split_manifest(ManifestDataset(spec, skips=skips))[0]  # its held-out part is never trained on
 
 
-def _signature(cfg: RunConfig, model_cfg: VLMConfig, stages: tuple[Stage, ...]) -> dict:
-    """What a resumed run must share with the checkpoint's run."""
-    return {
-        "preset": cfg.preset,
-        "tokenizer": cfg.tokenizer,
-        "data": cfg.data,
-        "max_pixels": cfg.max_pixels,
-        "vocab_size": model_cfg.llm.vocab_size,
-        "seed": cfg.seed,
-        "window": cfg.window,
-        "stages": [dataclasses.asdict(s) for s in stages],
-    }
-
-
-def _check_resume(saved: dict, current: dict, path: Path) -> None:
-    for key in ("preset", "tokenizer", "vocab_size"):
-        if saved.get(key) != current[key]:
-            raise SetupError(
-                f"--resume: checkpoint {path} was written with {key}={saved.get(key)!r}, this run has "
-                f"{key}={current[key]!r}; use the same settings or another --out"
-            )
-    for key in ("seed", "window", "stages"):
-        if saved.get(key) != current[key]:
-            log.warning(
-                "--resume: %s differs from the checkpoint's run; batches or LRs will not repeat it", key
-            )
-
-
 def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
     """The run's output directory; refuses to mix runs. With ``write`` False only checks (the ranks
     other than 0 of a distributed run, which must not race rank 0's deletions)."""
@@ -241,7 +177,7 @@ def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
     if previous and cfg.overwrite:
         for name in ("checkpoints", "tensorboard", "profile"):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("log.jsonl", "train.log", "loss.png", "summary.json", "eval_gallery.png"):
+        for name in ("log.jsonl", "train.log", "loss.png", "summary.json", "eval_gallery.png", "config.toml"):
             (out / name).unlink(missing_ok=True)
     elif previous and not cfg.resume:
         raise SetupError(
@@ -257,6 +193,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        validate(cfg)
         try:
             dims = parallel.ParallelDims.parse(cfg.parallel)
         except parallel.LayoutError as err:
@@ -301,7 +238,7 @@ class Run:
             )
             self.param_dtype = _param_dtype(cfg.mixed_precision, self.device, self.distributed)
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
-            raise SetupError(str(err).strip("'\"")) from err
+            raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
 
         self.deterministic = cfg.deterministic if cfg.deterministic is not None else self.device.type == "cpu"
         if self.deterministic:
@@ -312,7 +249,7 @@ class Run:
         # keeps each rank's shards.
         self.model = SeedVLM(self.model_cfg).to(self.device)
         self.model.train()
-        self.signature = _signature(cfg, self.model_cfg, self.stages)
+        self.signature = signature(cfg, self.model_cfg, self.stages)
         self.ckpt = Checkpointer(self.out / "checkpoints", cfg.keep)
         self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "positions": {}, "tokens": 0}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -355,7 +292,7 @@ class Run:
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.ckpt.root)
             return
         meta = Checkpointer.read_meta(path)
-        _check_resume(meta["run"], self.signature, path)
+        check_resume(meta["run"], self.signature, path)
         stage = self.stages[meta["stage_index"]]
         self._set_trainable(stage)
         self.optimizer = build_optimizer(self.model, stage, foreach=self.foreach)
@@ -438,6 +375,7 @@ class Run:
             "stage": stage.name,
             "scheduler": self.scheduler.state_dict(),
             "run": self.signature,
+            "config": as_dict(self.cfg),
         }
         return self.ckpt.save(self.state["global_step"], self.model, self.optimizer, meta)
 
@@ -527,6 +465,7 @@ class Run:
             cfg.data, self.device, " (deterministic)" if self.deterministic else "", layout, self.out,
         )  # fmt: skip
         if self.rank == 0:
+            (self.out / "config.toml").write_text(dump_toml(cfg))  # set up and accepted: this is the run
             runlog = logs.RunLog(
                 self.out, sum(s.steps for s in self.stages), state["global_step"],
                 progress=cfg.progress, tensorboard=cfg.tensorboard,

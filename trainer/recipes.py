@@ -197,8 +197,15 @@ def apply_overrides(stages: tuple[Stage, ...], overrides: list[str]) -> tuple[St
             raise ValueError(
                 f"override {item!r}: no stage {target!r} in this recipe ({[s.name for s in stages]})"
             )
+        try:
+            parsed = _parse(field, types[field], value)
+        except ValueError as err:
+            kind = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(
+                str(types[field]), f"a {types[field]}"
+            )
+            raise ValueError(f"override {item!r}: {field} expects {kind}, got {value!r}") from err
         for i in hits:
-            stages[i] = replace(stages[i], **{field: _parse(field, types[field], value)})
+            stages[i] = replace(stages[i], **{field: parsed})
     return tuple(stages)
 
 

@@ -26,7 +26,8 @@ elif str(_REPO) not in sys.path:
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-from trainer.loop import Preempted, RunConfig, SetupError, train  # noqa: E402
+from trainer.config import RunConfig, SetupError, load_toml  # noqa: E402
+from trainer.loop import Preempted, train  # noqa: E402
 from trainer.recipes import RECIPES, STAGES  # noqa: E402
 
 
@@ -42,12 +43,20 @@ def _steps_range(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """The run's configuration: --config FILE.toml first, then the flags given (which win).
+    SetupError: the file is unreadable or names an unknown setting."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    config_file = pre.parse_known_args(argv)[0].config
     # fmt: off
     p = argparse.ArgumentParser(
         description="Train a Seed1.5-VL model through its recipe (stage 0 -> 1 -> 2 -> SFT by default). "
         "With no arguments: the tiny preset on the embedded spatial data, a few minutes on a CPU."
     )
     add = p.add_argument
+    add("--config", type=Path, metavar="FILE.toml",
+        help="settings under the long flag names (steps = 12, set = [...]); flags given here win; "
+        "every run writes its own to <out>/config.toml")
     add("--recipe", default="vlm",
         help=f"recipe ({', '.join(RECIPES)}; default vlm) or stages a,b ({', '.join(STAGES)})")
     add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
@@ -91,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard scalars")
     # fmt: on
+    if config_file is not None:
+        values = load_toml(config_file)
+        if isinstance(values.get("overrides"), list):
+            values["overrides"] = list(values["overrides"])  # --set appends to a copy
+        p.set_defaults(**values)
     a = p.parse_args(argv)
     return RunConfig(
         recipe=a.recipe, preset=a.preset, data=a.data, tokenizer=a.tokenizer, out=a.out, steps=a.steps,
@@ -123,10 +137,9 @@ def _report(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
     try:
-        summary = train(cfg)
+        summary = train(parse_args(argv))
     except SetupError as err:
         if rank0:
             print(f"error: {err}", file=sys.stderr)
