@@ -51,6 +51,9 @@ def setup_logging(out_dir: Path, level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+PLAIN_LINES = 30  # lines per run when the console is not a terminal
+
+
 class RunLog:
     def __init__(
         self,
@@ -72,10 +75,14 @@ class RunLog:
                 self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 log.warning("tensorboard is not installed; no TensorBoard scalars (pip install tensorboard)")
+        # Not a terminal (a log file, CI, a scheduler's capture): plain lines instead of a bar.
+        plain = progress and not sys.stderr.isatty()
+        self._line_every = max(1, total_steps // PLAIN_LINES) if plain else 0
+        self._total = total_steps
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
-            disable=not progress,
+            disable=not progress or plain,
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
@@ -89,14 +96,17 @@ class RunLog:
             step, stage = record["step"], record["stage"]
             self._tb.add_scalar(f"loss/{stage}", record["loss"], step)
             self._tb.add_scalar("loss/all", record["loss"], step)
-            for key in ("lr", "grad_norm", "tok_per_s", "lb_loss", "z_loss"):
+            for key in ("lr", "grad_norm", "tok_per_s", "tflops", "mfu", "mem_gb", "lb_loss", "z_loss"):
                 if key in record:
                     self._tb.add_scalar(f"train/{key}", record[key], step)
         self._bar.update(1)
         r = record
-        self._bar.set_postfix_str(
-            f"{r['stage']} loss {r['loss']:.3f} lr {r['lr']:.2e} {r['tok_per_s']:.0f} tok/s"
-        )
+        brief = f"{r['stage']} loss {r['loss']:.3f} lr {r['lr']:.2e} {r['tok_per_s']:.0f} tok/s"
+        if "mfu" in r:
+            brief += f" MFU {100 * r['mfu']:.1f}%"
+        self._bar.set_postfix_str(brief)
+        if self._line_every and (r["step"] % self._line_every == 0 or r["step"] == self._total):
+            log.info("step %d/%d %s", r["step"], self._total, brief)
 
     def event(self, name: str, **data) -> None:
         self._file.write(json.dumps({"event": name, **data}) + "\n")
@@ -167,10 +177,18 @@ def stage_summary(records: list[dict], edge: int = 10) -> list[dict]:
                 "steps": len(recs),
                 "loss_first": mean(recs[:n]),
                 "loss_last": mean(recs[-n:]),
-                "tok_per_s": sum(r["tok_per_s"] for r in recs) / len(recs),
+                "tok_per_s": _stage_rate(recs),
             }
         )
     return out
+
+
+def _stage_rate(recs: list[dict]) -> float:
+    """Tokens over time of the whole stage (not a mean of per-step rates, which weights slow steps
+    too little)."""
+    if all("step_s" in r for r in recs):
+        return sum(r["tokens"] for r in recs) / max(sum(r["step_s"] for r in recs), 1e-9)
+    return sum(r["tok_per_s"] for r in recs) / len(recs)  # logs written before step_s
 
 
 def read_events(path: Path, name: str) -> list[dict]:

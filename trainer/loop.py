@@ -61,6 +61,7 @@ from .evaluate import EvalResult, HeldOut, encode_config, split_manifest
 from .gallery import write_gallery
 from .profiling import StepProfiler, nvtx_range
 from .recipes import MODULES, Stage, apply_overrides, get_recipe, scale_to, with_steps
+from .throughput import FlopCounter, measure_peak
 
 log = logging.getLogger("trainer")
 
@@ -237,6 +238,7 @@ class Run:
                 accums={s.name: s.accum for s in self.stages},
             )
             self.param_dtype = _param_dtype(cfg.mixed_precision, self.device, self.distributed)
+            self.flops = FlopCounter(self.model_cfg)
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
             raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
 
@@ -413,6 +415,7 @@ class Run:
             "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
             "lb_loss": lb_sum / stage.accum, "z_loss": z_sum / stage.accum,
             "tokens": counts["tokens"], "rank_tokens": counts["rank_tokens"], "targets": targets,
+            "model_flops": counts["flops"],
             "docs": counts["docs"], "images": counts["images"], "data_wait_s": round(wait, 4),
         }  # fmt: skip
 
@@ -440,6 +443,7 @@ class Run:
         all-reduce when distributed (the loss normaliser must be the global target count)."""
         first_of_group = self.meshes is None or self.meshes.cp_rank == 0  # a cp group shares documents
         local = [
+            sum(self.flops.batch(b) for b in micro),
             sum(b.num_targets for b in micro),
             sum(b.num_tokens if b.token_mask is None else int(b.token_mask.sum()) for b in micro),
             sum(b.num_documents for b in micro) if first_of_group else 0,
@@ -450,7 +454,8 @@ class Run:
             t = torch.tensor(local, dtype=torch.int64, device=self.device)
             dist.all_reduce(t)
             local = t.tolist()
-        return dict(zip(("targets", "tokens", "docs", "images"), local, strict=True), rank_tokens=rank_tokens)
+        names = ("flops", "targets", "tokens", "docs", "images")
+        return dict(zip(names, local, strict=True), rank_tokens=rank_tokens)
 
     def train(self) -> dict:
         """Run the remaining stages; returns the summary (also written to <out>/summary.json)."""
@@ -473,6 +478,9 @@ class Run:
         else:
             runlog = logs.NullRunLog()
         profiler = StepProfiler(cfg.profile_steps if self.rank == 0 else None, self.out, cfg.profiler)
+        self.peak = measure_peak(self.device, self.param_dtype or torch.float32)
+        if self.peak is not None:
+            log.info("measured matmul peak %.0f TFLOP/s per device (MFU is against it)", self.peak / 1e12)
         t_start = time.time()
         restore = self._catch_stop_signals()
         try:
@@ -490,10 +498,7 @@ class Run:
                         profiler.begin(state["global_step"] + 1)
                         record = self._step(stage, batches, key)
                         profiler.end(state["global_step"])
-                        now = time.time()
-                        record["tok_per_s"] = record["tokens"] / max(now - t_last, 1e-9)
-                        if self.distributed:
-                            record["rank_tok_per_s"] = record["rank_tokens"] / max(now - t_last, 1e-9)
+                        record.update(self._throughput(record, max(time.time() - t_last, 1e-9)))
                         runlog.step(record)
                         saved = None
                         if state["stage_step"] == stage.steps or state["global_step"] % cfg.ckpt_every == 0:
@@ -515,6 +520,24 @@ class Run:
             profiler.end(state["global_step"], force=True)
             runlog.close()
         return self._finish(time.time() - t_start, final)
+
+    def _throughput(self, record: dict, step_s: float) -> dict:
+        """Tokens/s (all ranks and this rank), model TFLOP/s and MFU against the measured peak of
+        all ranks' devices, and the peak memory of this step on a GPU."""
+        out = {
+            "step_s": step_s,
+            "tok_per_s": record["tokens"] / step_s,
+            "tflops": record["model_flops"] / step_s / 1e12,
+        }
+        if self.distributed:
+            out["rank_tok_per_s"] = record["rank_tokens"] / step_s
+        if self.peak is not None:
+            world = dist.get_world_size() if self.distributed else 1
+            out["mfu"] = record["model_flops"] / step_s / (self.peak * world)
+        if self.device.type == "cuda":
+            out["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return out
 
     def _catch_stop_signals(self):
         """SIGTERM and SIGINT ask for a checkpoint at the next step boundary and a clean stop
