@@ -67,6 +67,8 @@ class RunConfig:
     parallel: str | None = None  # "dp=D,cp=C,ep=E" under torchrun; None: dp = the world size
     mixed_precision: str = "auto"  # "auto" (bf16 on GPUs under FSDP, else fp32), "bf16", "fp32"
     pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
+    activation_checkpointing: str = "none"  # "none", "selective" or "full" per ViT block / decoder layer
+    compile: bool = False  # torch.compile each ViT block and decoder layer
 
 
 # RunConfig field -> the command-line flag (and TOML key) that sets it, where the names differ.
@@ -89,6 +91,8 @@ def validate(cfg: RunConfig) -> None:
         raise SetupError(f"--pg-timeout: expected seconds > 0, got {cfg.pg_timeout}")
     if cfg.profiler not in ("torch", "nsys"):
         raise SetupError(f"--profiler: expected torch or nsys, got {cfg.profiler!r}")
+    if (ac := cfg.activation_checkpointing) not in ("none", "selective", "full"):
+        raise SetupError(f"--activation-checkpointing: expected none, selective or full, got {ac!r}")
     if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
         raise SetupError(f"--mixed-precision: expected auto, bf16 or fp32, got {cfg.mixed_precision!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):

@@ -11,8 +11,10 @@ coefficients and averaged over the step's micro-batches (:func:`micro_batch_loss
 is wrapped in NVTX ranges (``forward``, ``backward``, ``optimizer``; torch profiler
 record_function ranges as well), and ``profile_steps`` records steps a..b with the torch profiler,
 or brackets them with cudaProfilerStart/Stop for ``nsys --capture-range=cudaProfilerApi``.
-Training runs in fp32: under torch.autocast the model mixes dtypes (RMSNorm's fp32 weight promotes
-q and k to fp32 while v stays bf16), which varlen_attention rightly rejects.
+Precision (``--mixed-precision``, default auto: bf16 on a GPU, fp32 on a CPU): a single process
+computes under ``torch.autocast`` in bf16 with fp32 weights and optimizer; under torchrun FSDP's
+MixedPrecisionPolicy gathers bf16 weights and reduces fp32 gradients. ``--activation-checkpointing``
+and ``--compile`` apply per ViT block and decoder layer (trainer.parallel), defaults off.
 
 Checkpoints (trainer.checkpoint) carry the model, the optimizer, the scheduler, the data positions
 and the RNG states; resuming rebuilds the stage's optimizer, loads them, and continues with the
@@ -237,7 +239,7 @@ class Run:
                 moe=any(llm.is_moe_layer(i) for i in range(llm.num_layers)),
                 accums={s.name: s.accum for s in self.stages},
             )
-            self.param_dtype = _param_dtype(cfg.mixed_precision, self.device, self.distributed)
+            self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
             self.flops = FlopCounter(self.model_cfg)
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
             raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
@@ -265,7 +267,10 @@ class Run:
             self._init_weights(Path(cfg.init))
         if self.distributed:
             self.meshes = self.dims.build(self.device.type)
-            parallel.parallelize(self.model, self.meshes, param_dtype=self.param_dtype)
+        parallel.parallelize(
+            self.model, self.meshes, param_dtype=self.compute_dtype,
+            activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+        )  # fmt: skip
         self.foreach = False if self.dims.ep > 1 else None
         if cfg.resume:
             self._resume(resume_from)
@@ -427,7 +432,12 @@ class Run:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CE, balance, z
         for batch in micro:
             batch = batch.to(self.device, non_blocking=True)
-            with nvtx_range("forward"):
+            # FSDP casts for itself; a single process casts through autocast.
+            autocast = self.compute_dtype is not None and not self.distributed
+            with (
+                nvtx_range("forward"),
+                torch.autocast(self.device.type, self.compute_dtype, enabled=autocast),
+            ):
                 out = self.model(**batch.model_inputs())
                 ce, loss = micro_batch_loss(
                     out, batch.labels, targets=targets, accum=stage.accum, llm=self.model_cfg.llm
@@ -478,7 +488,7 @@ class Run:
         else:
             runlog = logs.NullRunLog()
         profiler = StepProfiler(cfg.profile_steps if self.rank == 0 else None, self.out, cfg.profiler)
-        self.peak = measure_peak(self.device, self.param_dtype or torch.float32)
+        self.peak = measure_peak(self.device, self.compute_dtype or torch.float32)
         if self.peak is not None:
             log.info("measured matmul peak %.0f TFLOP/s per device (MFU is against it)", self.peak / 1e12)
         t_start = time.time()
@@ -628,16 +638,9 @@ class Run:
             dist.destroy_process_group()
 
 
-def _param_dtype(spec: str, device: torch.device, distributed: bool) -> torch.dtype | None:
-    """The dtype FSDP gathers parameters in (None: keep fp32). bf16 needs FSDP's mixed precision,
-    so a single process trains in fp32 (see the module docstring)."""
-    if spec not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--mixed-precision: expected auto, bf16 or fp32, got {spec!r}")
-    if spec == "bf16" and not distributed:
-        raise ValueError(
-            "--mixed-precision bf16: needs torchrun (FSDP's mixed precision); a single process trains in fp32"
-        )
-    if spec == "bf16" or (spec == "auto" and distributed and device.type == "cuda"):
+def _compute_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the model computes in (None: fp32): bf16 when asked, or by default on a GPU."""
+    if spec == "bf16" or (spec == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 

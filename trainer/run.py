@@ -93,8 +93,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="layout under torchrun: dp x cp = number of processes, ep divides dp x cp, a missing "
         "dimension is 1 (default: dp = number of processes); see trainer/parallel")
     add("--mixed-precision", choices=("auto", "bf16", "fp32"), default="auto",
-        help="under torchrun: bf16 weights and activations with fp32 master weights and gradient "
-        "reduction (FSDP); auto (default): bf16 on GPUs, fp32 on CPUs")
+        help="bf16 compute with fp32 master weights (a single process: autocast; torchrun: FSDP's "
+        "bf16 gathers and fp32 gradient reduction); auto (default): bf16 on GPUs, fp32 on CPUs")
+    add("--activation-checkpointing", choices=("none", "selective", "full"), default="none",
+        help="per ViT block and decoder layer: selective keeps matmul and attention outputs and "
+        "recomputes the rest, full recomputes whole blocks (default none)")
+    add("--compile", action="store_true", help="torch.compile each ViT block and decoder layer (default off)")
     add("--pg-timeout", type=float, default=600.0, metavar="S",
         help="seconds a collective waits for a peer before the job fails (600)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -115,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         profile_steps=a.profile_steps,
         profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
+        activation_checkpointing=a.activation_checkpointing, compile=a.compile,
     )  # fmt: skip
 
 

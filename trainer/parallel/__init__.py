@@ -4,7 +4,10 @@
 
 1. expert parallel (``expert_parallel``): MoE experts sharded over "ep" as DTensors;
 2. context parallel (``context_parallel``): ring attention and balance statistics over "cp";
-3. FSDP2 (``fsdp``): ZeRO-3 units over all ranks (experts over "edp"), mixed precision.
+3. activation checkpointing per block (``activation_checkpoint``), then ``torch.compile`` per block;
+4. FSDP2 (``fsdp``): ZeRO-3 units over all ranks (experts over "edp"), mixed precision.
+
+A single process takes step 3 alone (``meshes`` None).
 
 Expert parallelism comes before FSDP because FSDP shards what is already a DTensor on the "ep"
 dimension again over "edp". The data side (which micro-batches and which shard each rank takes)
@@ -18,6 +21,8 @@ import torch
 
 from model.vlm import SeedVLM
 
+from .activation_checkpoint import MODES as AC_MODES
+from .activation_checkpoint import apply_activation_checkpointing, apply_compile
 from .context_parallel import apply_context_parallel, shard_batch
 from .dims import LayoutError, Meshes, ParallelDims, init_distributed, launched_by_torchrun
 from .expert_parallel import apply_expert_parallel
@@ -25,16 +30,29 @@ from .fsdp import apply_fsdp, mixed_precision, refresh_trainable
 from .grad_norm import clip_grad_norm_
 
 
-def parallelize(model: SeedVLM, meshes: Meshes, *, param_dtype: torch.dtype | None = None) -> None:
-    """Apply the layout of ``meshes`` to ``model`` in place (every rank, the same weights)."""
-    if meshes.experts is not None:
+def parallelize(
+    model: SeedVLM,
+    meshes: Meshes | None,
+    *,
+    param_dtype: torch.dtype | None = None,
+    activation_checkpointing: str = "none",
+    compile: bool = False,
+) -> None:
+    """Apply the layout of ``meshes`` (None: a single process) and the per-block options to
+    ``model`` in place (every rank, the same weights)."""
+    if meshes is not None and meshes.experts is not None:
         apply_expert_parallel(model, meshes.experts["ep"])
-    if meshes.cp_group is not None:
+    if meshes is not None and meshes.cp_group is not None:
         apply_context_parallel(model, meshes.cp_group)
-    apply_fsdp(model, meshes, mixed_precision(param_dtype))
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    if meshes is not None:
+        apply_fsdp(model, meshes, mixed_precision(param_dtype))
 
 
 __all__ = [
+    "AC_MODES",
     "LayoutError",
     "Meshes",
     "ParallelDims",
