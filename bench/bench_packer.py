@@ -12,6 +12,10 @@ per step (4,096: the tiny preset's stage 2; 32,768: the paper's stage 0/1 sequen
 - ``build+images``: the same with one 16-patch image per sample (patch concatenation included).
 - ``encode_spatial``: rendering + patchifying + tokenising embedded spatial samples (the data
   generator, not the packer; it runs in the prefetch thread).
+- ``host_data_path``: all of it as the trainer runs it (trainer.data.stream: render, tokenise,
+  plan, build) for the main job's stage-1 steps, beside one training step of the tiny model on the
+  same machine (``model_step_ms``, ``data_over_step``): the data path must stay well under 1, since
+  it runs ahead in background threads (one window ahead, see trainer/data/stream.py).
 
 Columns: samples/s and tokens/s, and ``ms/step`` = the time divided by the steps (bins) it
 produces, to set against a GPU step. Sample lengths are log-normal (median 600 tokens, clipped to
@@ -101,7 +105,9 @@ def _print_rows(request):
             f" {r['time_ms']:>10.3f} ms  {r['samples_per_s']:>12,.0f} samples/s"
             f"  {r['tokens_per_s']:>14,.0f} tok/s"
             + (f"  {r['ms_per_step']:>8.4f} ms/step" if r["ms_per_step"] is not None else "")
-        )
+            + (f"  (model step {r['model_step_ms']:.1f} ms: data/step {r['data_over_step']:.2f})"
+               if "model_step_ms" in r else "")
+        )  # fmt: skip
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         for line in lines:
             reporter.write_line(line)
@@ -157,3 +163,37 @@ def test_encode_spatial(benchmark):
     run = lambda: [encode_conversation(ds[i], tok) for i in range(n)]
     tokens = sum(s.length for s in run())
     _row(benchmark, {"case": "encode_spatial", "N": n, "budget": "-"}, "numba+torch", run, n, tokens, 0)
+
+
+def test_host_data_path(benchmark):
+    """The whole host data path of the main job -- spatial scenes rendered, tokenised, packed into
+    2 x 512-token micro-batches per step (stage 1 of the tiny preset) by trainer.data.stream -- next
+    to one training step of the tiny model on the same batches (forward + backward, this machine)."""
+    from model.vlm import SeedVLM
+    from trainer.data.stream import BatchStream, Position
+    from trainer.loop import build_model_config, micro_batch_loss
+
+    tok, budget, steps = ByteTokenizer(), 512, 24
+    stream = BatchStream(SpatialDataset(0), tok, seed=0, window=128)
+    stream.encode_window(0, budget)  # compile the renderer and the packer outside the timing
+
+    def run():
+        fresh = BatchStream(SpatialDataset(0), tok, seed=0, window=128)
+        it = fresh.batches(Position(0, 0), budget, min_level=LEVEL_PROMPT)
+        return [next(it)[0] for _ in range(2 * steps)]
+
+    batches = run()
+    samples, tokens = sum(b.num_documents for b in batches), sum(b.num_tokens for b in batches)
+    row = _row(benchmark, {"case": "host_data_path", "N": samples, "budget": budget}, "stream", run,
+               samples, tokens, steps)  # fmt: skip
+    cfg = build_model_config("seedvl-tiny", tok)
+    model = SeedVLM(cfg)
+
+    def train_step():
+        for b in batches[:2]:
+            _, loss = micro_batch_loss(model(**b.model_inputs()), b.labels, targets=1, accum=2, llm=cfg.llm)
+            loss.backward()
+
+    step_ms = harness.host_median_ms(train_step, min_rounds=3, min_time_s=0.2)
+    row.update(model_step_ms=round(step_ms, 3), data_over_step=row["ms_per_step"] / step_ms)
+    benchmark.extra_info.update(row)

@@ -232,6 +232,7 @@ class Run:
             self.encode = encode_config(self.model_cfg, cfg.max_pixels)
             keys = dict.fromkeys(s.data or cfg.data for s in self.stages)
             self.streams = {key: self._stream(key) for key in keys}
+            self.streams[self.stages[0].data or cfg.data].warm(0)  # a fresh run's first window
             llm = self.model_cfg.llm
             self.dims.validate(
                 dist.get_world_size() if self.distributed else 1,

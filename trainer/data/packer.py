@@ -116,7 +116,7 @@ class PackedBatch:
 # ----------------------------------------------------------------------------- planning
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _first_fit(lengths: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
     """Bin of each item (taken in the given order) under first fit; every length <= budget.
 
@@ -175,7 +175,7 @@ def plan_bins(lengths: np.ndarray, budget: int, *, large: float = 0.25) -> list[
 # ----------------------------------------------------------------------------- building
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _collate_tokens(ids, levels, offsets, lengths, members, min_level, out_ids, out_labels, out_pos, cu):
     """One pass over the members' tokens: ids, shifted labels, positions, cu_seqlens.
     Returns (number of targets, longest document)."""

@@ -79,7 +79,7 @@ _GROUND = np.array([[150.0, 142.0, 128.0], [188.0, 178.0, 160.0]])
 _SKY = np.array([200.0, 215.0, 235.0])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _hit(code, size, height, x, z, c, s, ox, oy, oz, dx, dy, dz):
     """Ray (o + t d) against one object (c, s: cosine and sine of its yaw): (t, normal), t = inf
     on a miss."""
@@ -138,7 +138,7 @@ def _hit(code, size, height, x, z, c, s, ox, oy, oz, dx, dy, dz):
     return inf, 0.0, 0.0, 0.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _render_kernel(
     width, height, ss, focal, elevation, pitch, objs, boxes, colors, light, image, ids, silhouettes
 ):

@@ -18,7 +18,11 @@ stream's after the same batches, and a run resumes under any number of ranks tha
 micro-batches of its steps.
 
 :class:`Prefetcher` builds batches in a background thread (image decoding and packing overlap the
-model's step) and pins them for an asynchronous copy when the device is a GPU.
+model's step) and pins them for an asynchronous copy when the device is a GPU. Besides, the stream
+encodes one window ahead in a thread of its own: a window's samples (decoded or rendered images,
+tokens) do not depend on the budget, so while window w is being packed and trained on, window w+1
+is already being encoded, and a stage that starts at w+1 (``Position.next_window``) finds its
+first window ready instead of stalling for it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,6 +75,9 @@ class BatchStream:
         self.encode = encode if encode is not None else EncodeConfig()
         self.skips = skips if skips is not None else SkipLog()
         self._perm: tuple[int, np.ndarray] | None = None
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="encode-ahead")
+        self._encoded: dict[int, Future] = {}  # window -> its encoded samples: the current and the next
+        self._lock = threading.Lock()
 
     def sample_index(self, position: int) -> int:
         """Source index of the ``position``-th sample of the stream."""
@@ -82,15 +90,14 @@ class BatchStream:
         return int(self._perm[1][offset])
 
     def encode_window(self, window: int, budget: int) -> list[EncodedSample]:
-        """The usable samples of ``window``, encoded; the others are reported and dropped."""
+        """The usable samples of ``window``, encoded; the others are reported and dropped. Starts
+        encoding window + 1 in the background."""
+        with self._lock:
+            future = self._encoded.get(window) or self._ahead.submit(self._encode, window)
+            ahead = self._encoded.get(window + 1) or self._ahead.submit(self._encode, window + 1)
+            self._encoded = {window: future, window + 1: ahead}
         out = []
-        for p in range(window * self.window, (window + 1) * self.window):
-            index = self.sample_index(p)
-            try:
-                sample = encode_conversation(self.source[index], self.tok, self.encode)
-            except SampleError as err:
-                self.skips.skip(err.cause, f"{self.source.name}[{index}]: {err}")
-                continue
+        for index, sample in future.result():
             if sample.length > budget:
                 self.skips.skip(
                     "too long",
@@ -99,6 +106,24 @@ class BatchStream:
                 )
                 continue
             out.append(sample)
+        return out
+
+    def warm(self, window: int) -> None:
+        """Start encoding ``window`` in the background (the first window of a run, while the model
+        is being built)."""
+        with self._lock:
+            if window not in self._encoded:
+                self._encoded[window] = self._ahead.submit(self._encode, window)
+
+    def _encode(self, window: int) -> list[tuple[int, EncodedSample]]:
+        """(source index, encoded sample) of the samples of ``window`` that encode."""
+        out = []
+        for p in range(window * self.window, (window + 1) * self.window):
+            index = self.sample_index(p)
+            try:
+                out.append((index, encode_conversation(self.source[index], self.tok, self.encode)))
+            except SampleError as err:
+                self.skips.skip(err.cause, f"{self.source.name}[{index}]: {err}")
         return out
 
     def batches(
