@@ -121,3 +121,17 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
     proc = _run(out, "--resume", "--steps", "2")
     assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch" in proc.stderr
     shutil.rmtree(out)
+
+
+def test_async_save_checkpoints_resume_identically(tmp_path):
+    """--async-save: the checkpoints are committed intact (checksums) and resume bit for bit."""
+    reference, out = tmp_path / "reference", tmp_path / "async"
+    _run(reference)
+    _run(out, "--async-save")
+    ckpts = Checkpointer(out / "checkpoints")
+    assert [p.name for p in ckpts.complete()] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert all(verify(p) is None for p in ckpts.complete())
+    shutil.rmtree(out / "checkpoints" / "step_00000012")
+    (out / "checkpoints" / "latest").write_text("step_00000008\n")
+    _run(out, "--async-save", "--resume")
+    assert _losses(out) == _losses(reference)

@@ -133,6 +133,7 @@ class Checkpointer:
             raise ValueError(f"keep: expected >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self._pending: tuple | None = None  # an asynchronous save not yet committed
 
     def complete(self) -> list[Path]:
         """Finished checkpoints, oldest first."""
@@ -173,9 +174,23 @@ class Checkpointer:
         return None if chosen[0] is None else Path(chosen[0])
 
     def save(
-        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict,
+        *,
+        asynchronous: bool = False,
+        group: dist.ProcessGroup | None = None,
     ) -> Path:
-        """Write the checkpoint of ``step`` atomically; returns its directory. Every rank calls it."""
+        """Write the checkpoint of ``step`` atomically; returns its directory. Every rank calls it.
+
+        ``asynchronous``: the state is copied to host memory now and written by ``dcp.async_save``
+        in the background (over ``group``, a process group of its own so that its collectives never
+        interleave with training's); the directory is committed by :meth:`finalize`, which the next
+        save calls first and the trainer calls at the end of a run or a preemption.
+        """
+        self.finalize()
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
         if _is_rank0():
@@ -186,8 +201,26 @@ class Checkpointer:
         meta = json.dumps(trainer_state, indent=1, sort_keys=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "rng": _rng_state(), "trainer": meta}
+        if asynchronous:
+            with _single_process_ok():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
+            self._pending = (future, tmp, final, trainer_state)
+            return final
         with _single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp))
+        self._commit(tmp, final, trainer_state)
+        return final
+
+    def finalize(self) -> None:
+        """Wait for a pending asynchronous save and commit it (every rank; nothing when none)."""
+        if self._pending is None:
+            return
+        future, tmp, final, trainer_state = self._pending
+        self._pending = None
+        future.result()
+        self._commit(tmp, final, trainer_state)
+
+    def _commit(self, tmp: Path, final: Path, trainer_state: dict) -> None:
         _barrier()  # every rank's shard is on disk
         files = _file_records(tmp)
         if _is_rank0():
@@ -212,7 +245,6 @@ class Checkpointer:
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()  # committed: every rank sees the same latest checkpoint
-        return final
 
     @staticmethod
     def read_meta(path: Path) -> dict:

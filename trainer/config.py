@@ -69,6 +69,7 @@ class RunConfig:
     pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
     activation_checkpointing: str = "none"  # "none", "selective" or "full" per ViT block / decoder layer
     compile: bool = False  # torch.compile each ViT block and decoder layer
+    async_save: bool = False  # checkpoints written in the background (dcp.async_save)
 
 
 # RunConfig field -> the command-line flag (and TOML key) that sets it, where the names differ.

@@ -266,8 +266,11 @@ class Run:
         resume_from = self.ckpt.latest_good() if cfg.resume else None
         if cfg.init is not None and resume_from is None:
             self._init_weights(Path(cfg.init))
+        self._ckpt_group = None
         if self.distributed:
             self.meshes = self.dims.build(self.device.type)
+            if cfg.async_save:  # background checkpoint collectives on a group of their own
+                self._ckpt_group = dist.new_group(backend="gloo")
         parallel.parallelize(
             self.model, self.meshes, param_dtype=self.compute_dtype,
             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -385,7 +388,10 @@ class Run:
             "run": self.signature,
             "config": as_dict(self.cfg),
         }
-        return self.ckpt.save(self.state["global_step"], self.model, self.optimizer, meta)
+        return self.ckpt.save(
+            self.state["global_step"], self.model, self.optimizer, meta,
+            asynchronous=self.cfg.async_save, group=self._ckpt_group,
+        )  # fmt: skip
 
     def _step(self, stage: Stage, batches: Prefetcher, key: str) -> dict:
         """One optimizer step over the stage's ``accum`` micro-batches (this rank's share of them);
@@ -516,6 +522,7 @@ class Run:
                             saved = self.save()
                         if self._stop_agreed:
                             saved = saved or self.save()
+                            self.ckpt.finalize()
                             raise Preempted(self._stop_signal or "a stop signal", state["global_step"], saved)
                         if cfg.eval_every and state["global_step"] % cfg.eval_every == 0:
                             self._evaluate(runlog, PERIODIC_PER_SKILL)
@@ -525,6 +532,7 @@ class Run:
                 runlog.event(
                     "stage_end", stage=stage.name, step=state["global_step"], skipped=dict(self.skips.counts)
                 )
+            self.ckpt.finalize()
             final = self._evaluate(runlog, cfg.eval_samples)
         finally:
             restore()

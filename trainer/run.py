@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="torch.use_deterministic_algorithms (default: on for CPU, off for GPU)")
     add("--ckpt-every", type=int, default=100, help="checkpoint every N steps and at stage ends (100)")
     add("--keep", type=int, default=2, help="checkpoints to keep (2)")
+    add("--async-save", action="store_true",
+        help="write checkpoints in the background (dcp.async_save): training goes on once the state "
+        "is copied to host memory; each is committed before the next save or at the end")
     add("--window", type=int, default=256, help="samples bin-packed together (256)")
     add("--max-pixels", type=int, help="per-image pixel budget (default 224x224 tiny, else 3584x3584)")
     add("--eval-samples", type=int, default=50,
@@ -119,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         profile_steps=a.profile_steps,
         profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
-        activation_checkpointing=a.activation_checkpointing, compile=a.compile,
+        activation_checkpointing=a.activation_checkpointing, compile=a.compile, async_save=a.async_save,
     )  # fmt: skip
 
 
