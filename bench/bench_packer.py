@@ -170,8 +170,8 @@ def test_host_data_path(benchmark):
     2 x 512-token micro-batches per step (stage 1 of the tiny preset) by trainer.data.stream -- next
     to one training step of the tiny model on the same batches (forward + backward, this machine)."""
     from model.vlm import SeedVLM
+    from trainer.components import build_model_config, micro_batch_loss
     from trainer.data.stream import BatchStream, Position
-    from trainer.loop import build_model_config, micro_batch_loss
 
     tok, budget, steps = ByteTokenizer(), 512, 24
     stream = BatchStream(SpatialDataset(0), tok, seed=0, window=128)

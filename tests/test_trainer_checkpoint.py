@@ -13,7 +13,7 @@ from model.config import get_preset
 from model.vlm import SeedVLM
 from trainer import checkpoint as ckpt_mod
 from trainer.checkpoint import Checkpointer
-from trainer.loop import build_optimizer, set_trainable
+from trainer.components import build_optimizer, set_trainable
 from trainer.recipes import STAGES
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from model.vlm import SeedVLM
 from trainer.checkpoint import Checkpointer
+from trainer.components import build_model_config
 from trainer.data.manifest import ManifestDataset
 from trainer.data.spatial import KINDS, SpatialDataset, export_spatial
 from trainer.data.tokenizer import ByteTokenizer
@@ -35,7 +36,6 @@ from trainer.heldout import (
     spatial_questions,
     split_manifest,
 )
-from trainer.loop import build_model_config
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

@@ -12,12 +12,12 @@ import torch
 
 from model.vlm import SeedVLM
 from tests.utils import assert_close
+from trainer.components import build_model_config, micro_batch_loss
 from trainer.data.chat import LEVEL_PROMPT, LEVEL_RESPONSE, EncodeConfig, encode_conversation
 from trainer.data.packer import IGNORE_INDEX, SamplePool, pack, plan_bins
 from trainer.data.spatial import SpatialDataset
 from trainer.data.stream import BatchStream, Position
 from trainer.data.tokenizer import ByteTokenizer
-from trainer.loop import build_model_config, micro_batch_loss
 
 TOK = ByteTokenizer()
 

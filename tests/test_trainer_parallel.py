@@ -273,8 +273,8 @@ def test_hf_init_under_a_layout(tmp_path):
     at dp=2,ep=2 (each rank loads the full weights, then the layout shards them)."""
     from model.hf import save_qwen3_moe
     from model.llm import MoELLM
+    from trainer.components import build_model_config
     from trainer.data.tokenizer import ByteTokenizer
-    from trainer.loop import build_model_config
 
     llm_cfg = build_model_config("seedvl-tiny", ByteTokenizer()).llm
     torch.manual_seed(123)
@@ -362,7 +362,7 @@ def _image_and_text_batches():
 def _empty_vit_grads(model, batches, targets, accum):
     from torch.distributed.tensor import DTensor
 
-    from trainer.loop import micro_batch_loss
+    from trainer.components import micro_batch_loss
 
     for b in batches:
         _, loss = micro_batch_loss(
@@ -378,7 +378,7 @@ def _empty_vit_grads(model, batches, targets, accum):
 def _empty_vit_worker(rank: int, world_size: int, port: int, out: str) -> None:
     from model.vlm import SeedVLM
     from trainer import parallel
-    from trainer.loop import build_model_config
+    from trainer.components import build_model_config
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
@@ -399,7 +399,7 @@ def test_rank_without_images(tmp_path):
     """dp=2,ep=2 where rank 1's micro-batch has no image: it runs the ViT on nothing, the collectives
     stay in step, and the gradients equal the single-process ones over both micro-batches."""
     from model.vlm import SeedVLM
-    from trainer.loop import build_model_config
+    from trainer.components import build_model_config
 
     tok, batches = _image_and_text_batches()
     assert batches[0].num_images == 2 and batches[1].num_images == 0

@@ -11,9 +11,15 @@ import torch
 
 from model.config import get_preset
 from model.vlm import SeedVLM
+from trainer.components import (
+    build_model_config,
+    build_optimizer,
+    param_groups,
+    set_trainable,
+    stage_scheduler,
+)
 from trainer.data.chat import LEVEL_PROMPT, LEVEL_RESPONSE
 from trainer.data.tokenizer import ByteTokenizer
-from trainer.loop import build_model_config, build_optimizer, param_groups, set_trainable, stage_scheduler
 from trainer.recipes import MODULES, STAGES, apply_overrides, get_recipe, scale_to, with_steps
 
 

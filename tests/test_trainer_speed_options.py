@@ -10,11 +10,11 @@ import torch
 
 from model.llm import rope_cos_sin
 from model.vlm import SeedVLM
+from trainer.components import build_model_config, micro_batch_loss
 from trainer.data.chat import LEVEL_PROMPT, encode_conversation
 from trainer.data.packer import SamplePool
 from trainer.data.spatial import SpatialDataset
 from trainer.data.tokenizer import ByteTokenizer
-from trainer.loop import build_model_config, micro_batch_loss
 from trainer.parallel import apply_activation_checkpointing
 
 TOK = ByteTokenizer()

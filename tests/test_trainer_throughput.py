@@ -7,12 +7,12 @@ import numpy as np
 import torch
 
 from model.vlm import SeedVLM
+from trainer.components import build_model_config
 from trainer.data.chat import LEVEL_PROMPT, encode_conversation
 from trainer.data.packer import SamplePool
 from trainer.data.spatial import SpatialDataset
 from trainer.data.tokenizer import ByteTokenizer
 from trainer.logs import stage_summary
-from trainer.loop import build_model_config
 from trainer.throughput import FlopCounter, measure_peak
 
 

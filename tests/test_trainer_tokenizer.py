@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from model.config import get_preset
+from trainer.components import build_model_config
 from trainer.data import tokenizer as T
 from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, model_vocab_size
-from trainer.loop import build_model_config
 
 TEXTS = [
     "",

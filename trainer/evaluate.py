@@ -262,8 +262,8 @@ def find_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, device: torch.device, *, max_pixels: int | None = None) -> Loaded:
     """The model of a run or checkpoint directory, rebuilt from its meta.json's run signature
     (preset, tokenizer) with its weights loaded; CheckpointError if that cannot be done."""
+    from .components import build_model_config  # imported here: trainer.components imports this module
     from .data.tokenizer import load_tokenizer
-    from .loop import build_model_config  # imported here: trainer.loop imports this module
 
     ckpt = find_checkpoint(path)
     meta = Checkpointer.read_meta(ckpt)

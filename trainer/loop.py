@@ -36,33 +36,38 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from model.config import LLMConfig, VLMConfig, get_preset
-from model.llm import LLMOutput
 from model.vlm import SeedVLM
 
 from . import logs, parallel
 from .checkpoint import Checkpointer
+from .components import (
+    _device,
+    _source,
+    build_model_config,
+    build_optimizer,
+    micro_batch_loss,
+    prepare_out_dir,
+    set_trainable,
+    stage_scheduler,
+)
 from .config import RunConfig, SetupError, as_dict, check_resume, dump_toml, signature, validate
 from .data.chat import SkipLog
-from .data.packer import IGNORE_INDEX, PackedBatch
-from .data.stream import BatchStream, Position, Prefetcher, Source
-from .data.tokenizer import Tokenizer, load_tokenizer, model_vocab_size
-from .evaluate import EvalResult, HeldOut, encode_config, split_manifest
+from .data.packer import PackedBatch
+from .data.stream import BatchStream, Position, Prefetcher
+from .data.tokenizer import load_tokenizer
+from .evaluate import EvalResult, HeldOut, encode_config
 from .gallery import write_gallery
 from .profiling import StepProfiler, nvtx_range
-from .recipes import MODULES, Stage, apply_overrides, get_recipe, scale_to, with_steps
+from .recipes import Stage, apply_overrides, get_recipe, scale_to, with_steps
 from .throughput import FlopCounter, measure_peak
 
 log = logging.getLogger("trainer")
@@ -79,116 +84,6 @@ class Preempted(Exception):
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-
-
-def build_model_config(preset: str, tok: Tokenizer) -> VLMConfig:
-    """The preset with its vocabulary sized for ``tok`` and the placeholder id taken from it."""
-    cfg = get_preset(preset)
-    if not isinstance(cfg, VLMConfig):
-        raise ValueError(
-            f"preset {preset!r} is not a vision-language model (pick one starting with 'seedvl-')"
-        )
-    vocab = model_vocab_size(tok, cfg.llm.vocab_size)
-    return replace(cfg, llm=replace(cfg.llm, vocab_size=vocab), image_token_id=tok.image_token_id)
-
-
-def set_trainable(model: SeedVLM, trainable: tuple[str, ...]) -> None:
-    for name in MODULES:
-        getattr(model, name).requires_grad_(name in trainable)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two AdamW groups: matrices (and expert stacks) decay; biases and norm
-    weights -- every parameter with fewer than 2 dimensions -- do not (paper §3.2)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(
-    model: torch.nn.Module, stage: Stage, *, foreach: bool | None = None
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters. ``foreach=False`` when parameters live on more than one
-    device mesh (expert parallelism): a multi-tensor kernel cannot mix DTensors of two meshes."""
-    return torch.optim.AdamW(
-        param_groups(model, stage.weight_decay), lr=stage.lr_max, betas=stage.betas, eps=1e-8, foreach=foreach
-    )
-
-
-def stage_scheduler(optimizer: torch.optim.Optimizer, stage: Stage) -> torch.optim.lr_scheduler.LambdaLR:
-    for group in optimizer.param_groups:  # a kept optimizer must not keep the last stage's base LR
-        group["lr"] = group["initial_lr"] = stage.lr_max
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, stage.lr_factor)
-
-
-# ----------------------------------------------------------------------------- one step
-
-
-def micro_batch_loss(
-    out: LLMOutput, labels: torch.Tensor, *, targets: int, accum: int, llm: LLMConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed CE over this micro-batch's targets, its share of the step's loss to backpropagate).
-
-    ``targets`` is the step's target count over every micro-batch of every rank and ``accum`` the
-    step's micro-batches (the global batch), so the shares of all micro-batches and ranks sum to
-    CE / targets + mean over micro-batches of (aux * balance loss + z * z-loss): the step's loss,
-    whatever the layout. Under context parallelism the balance losses are already this rank's
-    share of its micro-batch's (model.llm.MoE).
-    """
-    ce = F.cross_entropy(out.logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    aux = llm.aux_loss_coef * out.load_balancing_loss + llm.z_loss_coef * out.router_z_loss
-    return ce, ce / targets + aux / accum
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _device(spec: str, local_rank: int | None = None) -> torch.device:
-    """The device of this process; under torchrun "auto" and "cuda" mean cuda:LOCAL_RANK."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and local_rank is not None:
-        spec = f"cuda:{local_rank}"
-    return torch.device(spec)
-
-
-def _source(spec: str, seed: int, skips: SkipLog) -> Source:
-    if spec == "spatial":
-        from .data.spatial import SpatialDataset
-
-        return SpatialDataset(seed)
-    from .data.manifest import ManifestDataset
-
-    return split_manifest(ManifestDataset(spec, skips=skips))[0]  # its held-out part is never trained on
-
-
-def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
-    """The run's output directory; refuses to mix runs. With ``write`` False only checks (the ranks
-    other than 0 of a distributed run, which must not race rank 0's deletions)."""
-    out = cfg.out if cfg.out is not None else Path("runs") / f"{cfg.recipe.replace(',', '+')}-{cfg.preset}"
-    ckpts = Checkpointer(out / "checkpoints")
-    previous = ckpts.latest() is not None or (out / "log.jsonl").exists()
-    if not write:
-        if previous and not (cfg.overwrite or cfg.resume):
-            raise SetupError(f"{out} holds a previous run; pass --resume, --overwrite or another --out")
-        return out
-    if previous and cfg.overwrite:
-        for name in ("checkpoints", "tensorboard", "profile"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("log.jsonl", "train.log", "loss.png", "summary.json", "eval_gallery.png", "config.toml"):
-            (out / name).unlink(missing_ok=True)
-    elif previous and not cfg.resume:
-        raise SetupError(
-            f"{out} holds a previous run; pass --resume to continue it, --overwrite to start over, "
-            "or --out DIR for a new one"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 class Run:
