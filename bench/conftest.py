@@ -2,7 +2,8 @@
 
 On a GPU: do_bench medians (see bench/harness.py), percentages of the matmul peak and copy bandwidth
 measured once in this session, ratios to peers measured in the same process, and one JSON per bench
-module in bench/results/ (or $SEEDVL_BENCH_RESULTS) at the end. pytest-benchmark's table holds its
+module in bench/results/ (or $SEEDVL_BENCH_RESULTS) at the end; with $SEEDVL_BENCH_JSONL set, each row
+is also appended to that file as soon as it is measured. pytest-benchmark's table holds its
 own host-timed, synchronised rounds of the same callable; its ``extra_info`` holds the row.
 On a CPU: tiny shapes, the reference and the peers only, a host timer (CPU work is synchronous);
 nothing is written.
@@ -137,9 +138,10 @@ class GpuBench:
             else:
                 timer = "host perf_counter median, one thread (CPU work is synchronous)"
                 self.benchmark(fn)
+            timed_peers, left_out = harness.peers_wanted(peers or {})
             peer_ms = {
                 name: self._peer_ms(name, impl, ms, peer_fn, case, dtype)
-                for name, peer_fn in (peers or {}).items()
+                for name, peer_fn in timed_peers.items()
             }
         row = harness.make_row(
             self.op, impl, case, dtype, ms, timer, self.peaks, flops=flops, nbytes=nbytes, notes=notes
@@ -151,7 +153,12 @@ class GpuBench:
             else:
                 row.peer_time_ms[name] = value
                 row.ratio_to_peer[name] = value / ms if ms > 0 else None
+        if left_out:
+            row.notes = "; ".join(
+                filter(None, [row.notes, f"peers not timed ({harness.PEERS_ENV}): {', '.join(left_out)}"])
+            )
         self.recorder.add(row)
+        harness.append_jsonl(row, self.peaks, self.device)
         info = asdict(row)
         info.update(matmul_peak_tflops=self.peaks.matmul_tflops, copy_peak_gbps=self.peaks.copy_gbps)
         self.benchmark.extra_info.update(info)

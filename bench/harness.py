@@ -34,6 +34,12 @@ from seedvl_kernels import _dispatch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("SEEDVL_BENCH_RESULTS", REPO / "bench" / "results"))
+# Rows are also appended here, one JSON object a line, the moment each is measured: a run killed at
+# a time limit (scripts/gpu_pass.sh) still returns every row it finished. Unset: no such file.
+JSONL_ENV = "SEEDVL_BENCH_JSONL"
+# Comma-separated peer names to time; others are left out of the rows (with a note). Unset: all.
+# The GPU pass's curated stage uses it to skip torch.compile'd peers, whose compiles cost minutes.
+PEERS_ENV = "SEEDVL_BENCH_PEERS"
 
 # Peak measurements: a dense bf16 GEMM for compute, a large device-to-device copy for memory.
 GPU_MATMUL = (8192, torch.bfloat16)
@@ -197,6 +203,26 @@ class Recorder:
             path.write_text(json.dumps(record, indent=2) + "\n")
             written.append(path)
         return written
+
+
+def append_jsonl(row: Row, peaks: Peaks, device: torch.device, path: str | None = None) -> None:
+    """Append ``row`` (with the peaks and the device it was measured against) to $SEEDVL_BENCH_JSONL."""
+    path = path if path is not None else os.environ.get(JSONL_ENV)
+    if not path:
+        return
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    record = {**asdict(row), "device": name, "peaks": asdict(peaks), "time": time.time()}
+    with open(path, "a") as f:  # one write per line: lines of concurrent writers do not interleave
+        f.write(json.dumps(record) + "\n")
+
+
+def peers_wanted(peers: dict[str, Callable[[], object]]) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """(the peers to time, the names left out) under $SEEDVL_BENCH_PEERS."""
+    wanted = os.environ.get(PEERS_ENV)
+    if wanted is None:
+        return peers, []
+    names = {n.strip() for n in wanted.split(",") if n.strip()}
+    return {n: f for n, f in peers.items() if n in names}, [n for n in peers if n not in names]
 
 
 def skip_unless_runnable(op: str, impl: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -4,11 +4,18 @@ Builds one small packed batch shaped like a step of the model (three images of d
 through the ViT ops, then the MoE ops on their pooled tokens), runs every op forward and backward
 with every implementation that can serve it here, and compares outputs and gradients with the
 reference computed in float64. Exits 1 if any implementation disagrees, 0 otherwise.
+
+``--size small`` (default) runs in seconds anywhere; ``--size real`` uses the model's dimensions
+(Seed-ViT heads, head dim and width, a 4k-token image pack, 128 experts, top-8, Qwen3-30B-A3B's
+hidden and expert widths) and is meant for a GPU (scripts/gpu_pass.sh's first stage). ``--jsonl
+PATH`` appends one JSON line per (op, impl) as it is checked, so a run cut off midway keeps its
+results.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -41,14 +48,39 @@ def _pack(sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Ten
     return cu, pos.to(device), max(lengths)
 
 
-def build_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
+@dataclass(frozen=True)
+class Sizes:
+    """Dimensions of one self-check batch; ``images`` are (rows, cols) patch grids, 4 | total tokens."""
+
+    heads: int
+    head_dim: int
+    width: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    images: tuple[tuple[int, int], ...]
+
+
+SIZES = {
+    "small": Sizes(4, 64, 128, 96, 64, 8, 2, ((4, 6), (2, 2), (8, 8))),  # 92 tokens
+    # Seed-ViT (20 heads of 64, width 1280) on a pack of 3072 + 1024 + 256 + 64 + 4 = 4420 tokens, one
+    # image of 1 x 4; its 1105 pooled tokens through Qwen3-30B-A3B-sized experts (2048 -> 768, 128, top 8).
+    "real": Sizes(20, 64, 1280, 2048, 768, 128, 8, ((64, 48), (32, 32), (16, 16), (8, 8), (1, 4))),
+}
+
+
+def build_cases(device: torch.device, dtype: torch.dtype, size: str = "small") -> list[Case]:
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-    heads, head_dim, width, hidden, ffn, experts, top_k = 4, 64, 128, 96, 64, 8, 2
-    cu, pos, max_len = _pack([(4, 6), (2, 2), (8, 8)], device)  # 24 + 4 + 64 tokens; 0 padding rows
+    z = SIZES[size]
+    heads, head_dim, width, hidden, ffn, experts, top_k = (
+        z.heads, z.head_dim, z.width, z.hidden, z.ffn, z.experts, z.top_k,
+    )  # fmt: skip
+    cu, pos, max_len = _pack(list(z.images), device)  # no padding rows
     T = int(cu[-1])
     cases = [
         Case("rope_2d", {"x": rnd(T, heads, head_dim)}, lambda impl, x: sk.rope_2d(x, pos, impl=impl)),
@@ -132,16 +164,27 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 _TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
-def check(device: torch.device, dtype: torch.dtype) -> bool:
+def check(device: torch.device, dtype: torch.dtype, size: str = "small", jsonl: str | None = None) -> bool:
     ok = True
     dtype_name = str(dtype).replace("torch.", "")
-    print(f"seedvl self-check on {device} {dtype_name} (max error relative to the output's max)")
-    for case in build_cases(device, dtype):
+    print(
+        f"seedvl self-check on {device} {dtype_name}, {size} sizes (max error relative to the output's max)"
+    )
+
+    def record(op: str, impl: str, status: str, **extra) -> None:
+        if jsonl:
+            line = {"kind": "selfcheck", "op": op, "impl": impl, "status": status, "size": size}
+            line |= {"dtype": dtype_name, "device": str(device), **extra}
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    for case in build_cases(device, dtype, size):
         want_out, want_grads, _ = _run(case, "ref", torch.float64)
         for impl in _dispatch.implementations(case.op):
             reason = _dispatch.unavailable_reason(case.op, impl, device, dtype)
             if reason is not None:
                 print(f"  {case.op:<17} {impl:<7} skipped: {reason}")
+                record(case.op, impl, "skipped", reason=reason)
                 continue
             out, grads, elapsed = _run(case, impl, None)
             errors = {"out": _rel_err(out, want_out)} | {
@@ -153,6 +196,9 @@ def check(device: torch.device, dtype: torch.dtype) -> bool:
             detail = ", ".join(f"{n} {e:.1e}" for n, e in errors.items())
             print(
                 f"  {case.op:<17} {impl:<7} {'ok  ' if passed else 'FAIL'} {elapsed * 1e3:7.1f} ms  {detail}"
+            )
+            record(
+                case.op, impl, "ok" if passed else "FAIL", errors=errors, tol=_TOL[dtype], ms=elapsed * 1e3
             )
     print("all implementations agree with the reference" if ok else "MISMATCH: see FAIL rows above")
     return ok
@@ -166,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on GPU, fp32 on CPU)"
     )
+    parser.add_argument("--size", choices=sorted(SIZES), default="small", help="small (default) or real")
+    parser.add_argument("--jsonl", default=None, help="append one JSON line per (op, impl) to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = (
@@ -175,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if dtype not in _TOL:
         parser.error(f"--dtype: expected float32, float16, bfloat16 or float64, got {args.dtype}")
-    return 0 if check(device, dtype) else 1
+    return 0 if check(device, dtype, args.size, args.jsonl) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""scripts/gpu_pass.sh fits a lent GPU's time and returns numbers however far it gets, checked on a CPU:
+its stage budgets sum to under 7 minutes, benchmark rows reach the JSON lines file the moment they are
+measured, and the verdict reads whatever a cut-off pass left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gpu_test_shards  # noqa: E402
+import gpu_verdict  # noqa: E402
+
+SEVEN_MINUTES_S = 420
+
+
+def _plan() -> dict[str, int]:
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_pass.sh"), "--plan"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)s\s", run.stdout, flags=re.M)}
+
+
+def test_plan_budgets_fit_in_seven_minutes():
+    plan = _plan()
+    total = plan.pop("total")
+    assert list(plan) == ["setup", "selfcheck", "tests", "bench", "full", "verdict"], plan
+    assert all(b > 0 for b in plan.values()), plan
+    assert sum(plan.values()) == total
+    assert total < SEVEN_MINUTES_S, f"stage budgets sum to {total} s, over 7 minutes: {plan}"
+
+
+def test_plan_needs_no_gpu_and_no_build(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    subprocess.run(["bash", str(ROOT / "scripts" / "gpu_pass.sh"), "--plan"], env=env, check=True, timeout=60)
+    assert not any(tmp_path.iterdir()), "--plan must not start the pass"
+
+
+def test_shards_keep_a_functions_cases_together():
+    ids = [f"tests/a.py::test_x[{i}]" for i in range(5)] + ["tests/a.py::test_y", "tests/b.py::test_z[1]"]
+    shards = gpu_test_shards.shard(ids, 3)
+    assert sorted(n for s in shards for n in s) == sorted(ids)
+    assert any(all(f"test_x[{i}]" in " ".join(s) for i in range(5)) for s in shards)
+    assert [len(s) for s in shards] == [5, 1, 1]
+
+
+@pytest.mark.slow
+def test_bench_rows_are_appended_as_measured_and_peers_can_be_left_out(tmp_path):
+    """A CPU bench run with $SEEDVL_BENCH_JSONL writes one line per row; $SEEDVL_BENCH_PEERS leaves the
+    torch.compile'd peer untimed (with a note), as the GPU pass's curated stage does."""
+    jsonl = tmp_path / "bench.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"SEEDVL_BENCH_JSONL": str(jsonl), "SEEDVL_BENCH_PEERS": "copy"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable"]
+    cmd += ["bench/bench_rope_2d.py", "-k", "ref and not compile"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = gpu_verdict.read_jsonl(jsonl)
+    assert rows, run.stdout[-2000:]
+    for row in rows:
+        assert row["op"] == "rope_2d" and row["impl"] == "ref" and row["time_ms"] > 0
+        assert set(row["peer_time_ms"]) == {"copy"}
+        assert "torch_compile_ref" in row["notes"]
+        assert row["peaks"]["matmul_tflops"] > 0
+
+
+def _bench_row(op: str, impl: str, case: dict, tflops: float, peers: dict[str, float]) -> dict:
+    time_ms = 1.0
+    return {
+        "op": op,
+        "impl": impl,
+        "case": case,
+        "time_ms": time_ms,
+        "tflops": tflops,
+        "gbps": None,
+        "pct_of_matmul_peak": 100 * tflops / 800,
+        "pct_of_copy_bw": None,
+        "peer_time_ms": peers,
+        "ratio_to_peer": {n: t / time_ms for n, t in peers.items()},
+        "device": "NVIDIA H200",
+        "peaks": {"matmul_tflops": 800.0, "copy_gbps": 4000.0},
+    }
+
+
+def test_verdict_reads_a_pass_cut_off_midway(tmp_path):
+    (tmp_path / "stages.tsv").write_text("setup\t90\t4\t0\nselfcheck\t60\t41\t0\ntests\t120\t120\t124\n")
+    checks = [
+        {
+            "kind": "selfcheck",
+            "op": "varlen_attention",
+            "impl": "triton",
+            "status": "ok",
+            "errors": {"out": 0.01},
+        },
+        {"kind": "selfcheck", "op": "moe_ffn", "impl": "triton", "status": "FAIL", "errors": {"dx": 0.3}},
+        {"kind": "selfcheck", "op": "rope_2d", "impl": "cuda", "status": "skipped", "reason": "no _C"},
+    ]
+    (tmp_path / "selfcheck.jsonl").write_text("".join(json.dumps(c) + "\n" for c in checks))
+    rows = [
+        _bench_row(
+            "varlen_attention", "triton", {"pack": "1k_images", "pass": "fwd"}, 400, {"torch_varlen": 1.2}
+        ),
+        _bench_row(
+            "varlen_attention", "triton", {"pack": "llm", "pass": "bwd"}, 300, {"flex": 0.8, "sdpa": 2.0}
+        ),
+        _bench_row("moe", "triton", {"model": "235b", "routing": "zipf"}, 500, {"grouped_mm": 1.1}),
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"op": "rope_2d", "imp'  # a line cut by the kill
+    (tmp_path / "bench.jsonl").write_text(text)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "shard0.log").write_text("===== 3 passed, 1 skipped in 12.3s =====\n")
+    (tmp_path / "tests" / "shard1.log").write_text(
+        "tests/t.py::test_a[1] PASSED\ntests/t.py::test_a[2] FAILED\ntests/t.py::test_b PASSED\n"
+    )
+    out = "\n".join(gpu_verdict.verdict(tmp_path))
+    assert "tests 120/120s TIMEOUT" in out
+    assert "5 passed" in out and "1 failed" in out and "cut off: shard1" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("varlen_attention  triton"))
+    assert "400.0 TFLOP/s" in line and "50.0" in line  # the best row and its % of the 800 TFLOP/s peak
+    assert "0.80 flex (llm bwd)" in line  # worst ratio to the strongest (fastest) peer of its row
+    assert re.search(r"^moe_ffn\s+triton\s+FAIL 3e-01\s+1\s", out, flags=re.M)
+    assert out.splitlines()[-1].startswith("VERDICT: MISMATCH in moe_ffn/triton")
