@@ -4,17 +4,20 @@ Each kernel is lowered through Triton's real compiler (TTIR -> TTGIR -> PTX -> c
 ptxas bundled with Triton) at the tile configs its launcher picks on a GPU (every autotune config
 for the attention kernels), at model shapes, with the arguments specialised the way such a launch
 would be: the launch's unit strides as constants, pointers and the other strides divisible by 16,
-token counts not. Lowering errors, shared memory past the device's limit, dot products that fell
-back from tensor cores, main loops that are not software-pipelined and register spills show up
-here, before any GPU time is spent. Timing still needs a GPU.
+token counts not, and never the integers a kernel marks ``do_not_specialize`` (counts that change
+every batch, which the launcher passes unspecialised so that a new batch does not recompile).
+Lowering errors, shared memory past the device's limit, dot products that fell back from tensor
+cores, main loops that are not software-pipelined and register spills show up here, before any
+GPU time is spent. Timing still needs a GPU.
 
     python profiles/triton_aot.py                          # everything, sm_90, bf16
     python profiles/triton_aot.py --op varlen_attention --arch 80 --dtype fp16
     python profiles/triton_aot.py --quick --check          # what tests/test_triton_aot.py runs in CI
 
 ``--check`` exits non-zero if any launch fails to compile, exceeds the shared memory of one block,
-has a dot product without a tensor-core MMA (fp16/bf16) or a main loop without async copies, or if
-a Triton kernel of the package (a ``*_kernel`` JIT function) has no launch here. Register spills are
+has a dot product without a tensor-core MMA (fp16/bf16) or a main loop without async copies, if
+a Triton kernel of the package (a ``*_kernel`` JIT function) has no launch here, or if it
+specialises a per-batch integer (PER_BATCH_INTS: num_seqs, total_q, ...). Register spills are
 reported, not failed (they cost speed, not correctness).
 
 The Triton kernels must be real JIT functions, so this unsets TRITON_INTERPRET before importing
@@ -45,6 +48,10 @@ from triton.backends.compiler import GPUTarget
 import seedvl_kernels
 from model.config import QWEN3_30B_A3B, QWEN3_235B_A22B, get_preset
 from seedvl_kernels import _backends
+
+# Integer arguments that change every batch, by name (the same names in every kernel): a kernel must
+# mark them ``do_not_specialize``, or each new "divisible by 16" / "== 1" combination recompiles it.
+PER_BATCH_INTS = frozenset({"num_seqs", "num_table", "num_table_a", "num_table_b", "total_q", "total_k"})
 
 # Shared memory one block may use (bytes), by compute capability x 10.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -122,6 +129,7 @@ def signature(launch: Launch, dtype: torch.dtype) -> tuple[dict, dict, dict]:
     unknown = set(consts) - set(names)
     if unknown:
         raise ValueError(f"{launch.label}: {sorted(unknown)} are not arguments of {fn.__name__}")
+    per_batch = {p.name for p in getattr(fn, "params", ()) if getattr(p, "do_not_specialize", False)}
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:
@@ -134,6 +142,7 @@ def signature(launch: Launch, dtype: torch.dtype) -> tuple[dict, dict, dict]:
         else:
             sig[n] = "fp32" if "scale" in n else "i32"
             aligned = (n.startswith("stride_") and n not in launch.unaligned) or n in launch.aligned
+            aligned = aligned and n not in per_batch
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, {(names.index(n),): v for n, v in consts.items()}, attrs
@@ -403,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         covered = {id(launch.kernel) for launch in todo}
         failed += [f"{name}: no launch in {Path(__file__).name}" for name, k in package_kernels().items()
                    if id(k) not in covered]  # fmt: skip
+    for name, kernel in package_kernels().items():
+        fn = _jit(kernel)
+        free = {p.name for p in fn.params if p.do_not_specialize}
+        specialised = sorted((set(fn.arg_names) & PER_BATCH_INTS) - free)
+        if specialised:
+            failed.append(f"{name}: per-batch integers {specialised} are not do_not_specialize")
     for launch in todo:
         name = f"{launch.op}: {launch.label}"
         try:

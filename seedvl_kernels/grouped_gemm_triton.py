@@ -154,7 +154,7 @@ def _m_tile(
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _grouped_gemm_fwd_kernel(
     a_ptr,
     b_ptr,

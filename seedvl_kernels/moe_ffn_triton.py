@@ -66,7 +66,7 @@ from .moe_permute import moe_permute_index
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _moe_gate_up_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -145,7 +145,7 @@ def _moe_gate_up_fwd_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _moe_down_bwd_kernel(
     dout_ptr,
     w_ptr,
@@ -227,7 +227,7 @@ def _moe_down_bwd_kernel(
     tl.store(dgu_ptrs + FF * stride_dgn, d_up.to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _moe_combine_kernel(
     y_ptr,
     out_ptr,

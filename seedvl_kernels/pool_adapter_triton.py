@@ -112,7 +112,7 @@ def _gelu_parts(h):
     return h * cdf, cdf + h * pdf
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K"])
 def _pool_adapter_gemm_kernel(
     a_ptr,
     b_ptr,

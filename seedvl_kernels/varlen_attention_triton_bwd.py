@@ -25,7 +25,7 @@ from .varlen_attention_triton_common import (
 from .varlen_attention_triton_fwd import _visible_keys
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_q", "stride_lse_h", "stride_dlse_h"])
 def _varlen_attention_bwd_preprocess_kernel(
     out_ptr, dout_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, total_q,
     stride_o_t, stride_o_h, stride_do_t, stride_do_h, stride_lse_h, stride_dlse_h,
@@ -78,7 +78,7 @@ def _dkdv_blocks(
 
 
 @triton.autotune(configs=configs("dkdv"), key=TUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "total_k"])
 def _varlen_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr,
     pos_ptr, inv_freq_ptr,
@@ -179,7 +179,7 @@ def _dq_blocks(
 
 
 @triton.autotune(configs=configs("dq"), key=TUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q"])
 def _varlen_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dq_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr,
     inv_freq_ptr,

@@ -82,7 +82,7 @@ def _build_schedule(
         tl.store(table_ptr + t, lo, mask=t < num_table)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_table_a", "num_table_b", "num_seqs"])
 def _varlen_attention_schedule_kernel(
     cu_a_ptr,
     cu_other_a_ptr,

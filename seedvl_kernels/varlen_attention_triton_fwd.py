@@ -69,7 +69,7 @@ def _visible_keys(start_m, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 
 
 @triton.autotune(configs=configs("fwd"), key=TUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "stride_lse_h"])
 def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_rot_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr, inv_freq_ptr,
     num_seqs, num_table, total_q, num_heads, group, qk_scale,
