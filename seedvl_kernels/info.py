@@ -1,7 +1,8 @@
 """What this install can do: ``python -m seedvl_kernels.info [--json]``.
 
 Reports the versions of torch, triton and CUDA, whether the extension ``_C`` was built and for
-which architectures, the GPU if any, and for each op which implementations can serve a call here.
+which architectures, the GPU if any, for each op which implementations can serve a call here, and
+which implementations have been verified on a GPU (GPU_VERIFIED) rather than only compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ import torch
 import seedvl_kernels
 
 from . import _backends, _dispatch
+
+# (op, impl) -> (date, GPU, result file) of the GPU pass (scripts/gpu_pass.sh) in which the
+# implementation passed the real-size bf16 self-check; add an entry only with that committed file.
+# No implementation has run on a GPU yet: Triton kernels are checked by the interpreter and
+# compiled for sm_90 offline (profiles/triton_aot.py), CUDA kernels are compiled by nvcc (sm_80,
+# sm_90a), and only the references (and the Triton kernels in the interpreter) are tested on a CPU.
+GPU_VERIFIED: dict[tuple[str, str], tuple[str, str, str]] = {}
+_NOT_VERIFIED = {
+    "triton": "compiled only (interpreter tests on CPU, sm_90 AOT compile)",
+    "cuda": "compiled only (nvcc sm_80/sm_90a)",
+    "ref": "reference (tested on CPU)",
+}
+
+
+def _verification() -> dict[str, dict[str, str]]:
+    """For each op and implementation: where it was verified on a GPU, or what it has had instead."""
+    table: dict[str, dict[str, str]] = {}
+    for op in _dispatch.ops():
+        row = {}
+        for impl in _dispatch.implementations(op):
+            seen = GPU_VERIFIED.get((op, impl))
+            row[impl] = f"verified on {seen[1]} {seen[0]} ({seen[2]})" if seen else _NOT_VERIFIED[impl]
+        table[op] = row
+    return table
 
 
 def _nvcc_version() -> str | None:
@@ -110,6 +135,7 @@ def collect() -> dict[str, Any]:
         "gpu": _gpu(),
         "ops_device": f"{device.type} {str(dtype).replace('torch.', '')}",
         "ops": _ops(device, dtype),
+        "gpu_verified": _verification(),
     }
 
 
@@ -144,6 +170,20 @@ def _print(info: dict[str, Any]) -> None:
             f"{impl}:{'yes' if row[impl] == 'available' else 'no '}" for impl in _dispatch.IMPLS
         )
         print(f"  {op:<{width}}  {cells}  auto -> {row['auto']}")
+    verified = [
+        f"{op}/{impl}"
+        for op, row in info["gpu_verified"].items()
+        for impl, v in row.items()
+        if v.startswith("verified")
+    ]
+    print(
+        "verified on a GPU: "
+        + (", ".join(verified) if verified else "none yet (no implementation has run on a GPU)")
+    )
+    for op, row in info["gpu_verified"].items():
+        kernels = {impl: v for impl, v in row.items() if impl != "ref"}
+        if kernels:
+            print(f"  {op:<{width}}  " + "; ".join(f"{impl}: {v}" for impl, v in kernels.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

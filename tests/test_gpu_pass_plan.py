@@ -129,3 +129,19 @@ def test_verdict_reads_a_pass_cut_off_midway(tmp_path):
     assert "0.80 flex (llm bwd)" in line  # worst ratio to the strongest (fastest) peer of its row
     assert re.search(r"^moe_ffn\s+triton\s+FAIL 3e-01\s+1\s", out, flags=re.M)
     assert out.splitlines()[-1].startswith("VERDICT: MISMATCH in moe_ffn/triton")
+
+
+def test_info_says_which_implementations_ran_on_a_gpu():
+    """info names, for every kernel implementation, the GPU pass that verified it (whose result file
+    must be committed) or says that it has only been compiled."""
+    from seedvl_kernels import info
+
+    for (op, impl), (date, gpu, result_file) in info.GPU_VERIFIED.items():
+        assert re.fullmatch(r"\d{8}", date) and gpu, (op, impl)
+        assert (ROOT / result_file).is_file(), f"{op}/{impl}: {result_file} is not in the repository"
+    table = info.collect()["gpu_verified"]
+    for op, row in table.items():
+        for impl, status in row.items():
+            if impl != "ref":
+                assert status.startswith(("verified on ", "compiled only")), (op, impl, status)
+    assert table["varlen_attention"]["triton"]
