@@ -11,6 +11,7 @@ nothing is written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     recorder = session.config.stash.get(_RECORDER, None)
     if recorder is not None:
         recorder.written = recorder.write()
+    # $SEEDVL_AUTOTUNE_SAVE: the attention configs this session's autotuner chose, for later runs to
+    # pin (SEEDVL_AUTOTUNE=pinned with SEEDVL_AUTOTUNE_FILE; see varlen_attention_triton_common).
+    save = os.environ.get("SEEDVL_AUTOTUNE_SAVE")
+    if save and torch.cuda.is_available():
+        from seedvl_kernels.varlen_attention_triton import save_tuning
+
+        save_tuning(save)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -57,8 +57,10 @@ fused qkv tensor, that tensor stays alive through v.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -71,7 +73,7 @@ from .varlen_attention_triton_bwd import (
     _varlen_attention_bwd_dq_kernel,
     _varlen_attention_bwd_preprocess_kernel,
 )
-from .varlen_attention_triton_common import _varlen_attention_schedule_kernel
+from .varlen_attention_triton_common import TUNE_KEY, _varlen_attention_schedule_kernel, shape_class
 from .varlen_attention_triton_fwd import _varlen_attention_fwd_kernel
 
 LOG2E = math.log2(math.e)
@@ -274,3 +276,22 @@ def launch_bwd(
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), stride_pos_t, stride_pos_c,
             **_kernel_args(D, rope, p.causal, tiles.dq_m, tiles.dq_n, q.dtype),
         )  # fmt: skip
+
+
+def save_tuning(path: str | Path) -> dict:
+    """Add the configs this process's autotuner chose (SEEDVL_AUTOTUNE=search) to the JSON at ``path``
+    under this GPU's name, for later runs to pin (see varlen_attention_triton_common). Returns the table."""
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    gpu = table.setdefault(torch.cuda.get_device_name(), {})
+    kernels = {
+        "fwd": _varlen_attention_fwd_kernel,
+        "dkdv": _varlen_attention_bwd_dkdv_kernel,
+        "dq": _varlen_attention_bwd_dq_kernel,
+    }
+    for name, kernel in kernels.items():
+        for key, cfg in getattr(kernel, "cache", {}).items():  # key: TUNE_KEY values, then dtypes
+            shape = shape_class(dict(zip(TUNE_KEY, key, strict=False)), key[len(TUNE_KEY)])
+            gpu.setdefault(name, {})[shape] = [cfg.num_warps, cfg.num_stages]
+    path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    return table

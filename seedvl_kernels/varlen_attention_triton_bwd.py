@@ -21,6 +21,7 @@ from .varlen_attention_triton_common import (
     _tile,
     _zero_rows,
     configs,
+    prune_by_mode,
 )
 from .varlen_attention_triton_fwd import _visible_keys
 
@@ -77,7 +78,7 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(configs=configs("dkdv"), key=TUNE_KEY)
+@triton.autotune(configs=configs("dkdv"), key=TUNE_KEY, prune_configs_by=prune_by_mode("dkdv"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "total_k"])
 def _varlen_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr,
@@ -178,7 +179,7 @@ def _dq_blocks(
     return dq
 
 
-@triton.autotune(configs=configs("dq"), key=TUNE_KEY)
+@triton.autotune(configs=configs("dq"), key=TUNE_KEY, prune_configs_by=prune_by_mode("dq"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q"])
 def _varlen_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dq_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr,

@@ -19,6 +19,7 @@ from .varlen_attention_triton_common import (
     _tile,
     _zero_rows,
     configs,
+    prune_by_mode,
 )
 
 
@@ -68,7 +69,7 @@ def _visible_keys(start_m, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
     return n_full, n_end
 
 
-@triton.autotune(configs=configs("fwd"), key=TUNE_KEY)
+@triton.autotune(configs=configs("fwd"), key=TUNE_KEY, prune_configs_by=prune_by_mode("fwd"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "stride_lse_h"])
 def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_rot_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr, inv_freq_ptr,

@@ -145,3 +145,34 @@ def test_info_says_which_implementations_ran_on_a_gpu():
             if impl != "ref":
                 assert status.startswith(("verified on ", "compiled only")), (op, impl, status)
     assert table["varlen_attention"]["triton"]
+
+
+def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatch):
+    """SEEDVL_AUTOTUNE=pinned keeps one config per shape class (the tuning file's for this GPU, else
+    the first); save_tuning writes what a search chose in the form the pinned mode reads back."""
+    import torch
+    import triton
+
+    from seedvl_kernels import varlen_attention_triton as vat
+    from seedvl_kernels import varlen_attention_triton_common as common
+
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in common._PAIRS["fwd"]]
+    nargs = {"q_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    key = {"HEAD_DIM": 64, "CAUSAL": False, "ROPE": True, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PREC": "ieee"}
+    prune = common.prune_by_mode("fwd")["early_config_prune"]
+    monkeypatch.delenv(common.AUTOTUNE_FILE_ENV, raising=False)
+    monkeypatch.setenv(common.AUTOTUNE_ENV, "search")
+    assert prune(configs, nargs, **key) == configs
+    monkeypatch.setenv(common.AUTOTUNE_ENV, "pinned")
+    assert prune(configs, nargs, **key) == configs[:1]
+
+    winner = configs[2]
+    tune_key = (*key.values(), "torch.bfloat16", "torch.bfloat16")
+    monkeypatch.setattr(vat._varlen_attention_fwd_kernel, "cache", {tune_key: winner}, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
+    path = tmp_path / "autotune.json"
+    table = vat.save_tuning(path)
+    shape = common.shape_class(key, torch.bfloat16)
+    assert table["cpu"]["fwd"][shape] == [winner.num_warps, winner.num_stages]
+    monkeypatch.setenv(common.AUTOTUNE_FILE_ENV, str(path))
+    assert prune(configs, nargs, **key) == [winner]
