@@ -150,7 +150,9 @@ def _positive(cfg: object, *names: str) -> None:
 # ----------------------------------------------------------------------------- presets
 
 SEEDVIT_532M = ViTConfig(width=1280, depth=27, num_heads=20, head_dim=64, mlp_ratio=4.0)
-VIT_TINY = ViTConfig(width=64, depth=2, num_heads=4, head_dim=16, mlp_ratio=4.0)
+# Three blocks: the ViT has no absolute position embedding (2D RoPE only), and a third block helps
+# it tell objects apart by colour and shape in a few patches.
+VIT_TINY = ViTConfig(width=64, depth=3, num_heads=4, head_dim=16, mlp_ratio=4.0)
 
 # Qwen3-235B-A22B (config.json): 235.1B total, 22.2B active (embeddings included).
 QWEN3_235B_A22B = LLMConfig(
@@ -170,13 +172,18 @@ DSV2_LITE_GQA = LLMConfig(
 )  # fmt: skip
 # The tiny presets speak the trainer's byte tokenizer (trainer/data/tokenizer.py): 256 bytes + 12
 # special tokens in 272 rows, <|image_pad|> = 261, so preset and tokenizer agree by construction.
+# Sized for the default CPU run (profiles/20261201_main_job_learning.md): the width stays 64, which
+# keeps the recipe's LR and sequence-budget scaling where they were, while a third layer and
+# experts of width 64 (an active MLP of 2 x hidden) give the question -> visual-token binding more
+# room at ~1.5x the cost per token.
 LLM_TINY = LLMConfig(
-    vocab_size=272, hidden=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
-    num_experts=4, top_k=2, moe_ffn_dim=32, rope_theta=10000.0, z_loss_coef=1e-3,
+    vocab_size=272, hidden=64, num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=16,
+    num_experts=4, top_k=2, moe_ffn_dim=64, rope_theta=10000.0, z_loss_coef=1e-3,
 )  # fmt: skip
-# Exercises the DeepSeek paths (shared experts, a dense first layer, no renormalisation).
+# Exercises the DeepSeek paths (shared experts, a dense first layer, no renormalisation); only tests
+# use it, so it keeps the small experts.
 LLM_TINY_SHARED = replace(
-    LLM_TINY, num_layers=3, num_shared_experts=1, num_dense_layers=1, dense_ffn_dim=96,
+    LLM_TINY, num_layers=3, moe_ffn_dim=32, num_shared_experts=1, num_dense_layers=1, dense_ffn_dim=96,
     qk_norm=False, router_renormalize=False,
 )  # fmt: skip
 

@@ -24,8 +24,11 @@ Scaling to a preset (:func:`scale_to`):
 - sequence budgets x min(1, hidden / 2048): the paper's 32k/131k for real models, 1,024/4,096
   tokens per step for the tiny preset on a CPU, where that budget is split into 2 micro-batches of
   512/2,048 (``accum`` = 2), so that the default run also runs data-parallel over 2 ranks;
-- ``steps`` are the tiny preset's defaults (the whole recipe in ~3 minutes on a 2-core CPU); real
-  runs set ``--steps`` or ``--tokens``.
+- ``steps`` are the tiny preset's defaults (the whole recipe in under 10 minutes on a 2-core CPU,
+  ~1.9M tokens); real runs set ``--steps`` or ``--tokens``. Most of them go to stage 1 and SFT, and
+  SFT gets a larger share than the paper's token split would give it: its loss counts only the
+  answers, while stage 1's also counts the prompt (templates and questions the model cannot
+  predict), and the held-out score is on answers (profiles/20261201_main_job_learning.md).
 One step is ``accum`` packed micro-batches of at most ``seq_len`` tokens each: the global batch,
 whatever the layout. Under data parallelism each of the dp ranks takes accum / dp of them, so
 ``accum`` must be a multiple of dp (``--set '*.accum=N'``).
@@ -108,7 +111,7 @@ STAGES: dict[str, Stage] = {
     ),
     "stage1": Stage(
         "stage1", MODULES, lr_max=5.22e-5, lr_min=5.22e-6, schedule="cosine", warmup=500 / 42_254,
-        seq_len=32_768, steps=250, min_level=LEVEL_PROMPT,
+        seq_len=32_768, steps=1000, min_level=LEVEL_PROMPT,
     ),
     "stage2": Stage(
         "stage2", MODULES, lr_max=5.22e-6, lr_min=5.22e-6, schedule="constant", warmup=0.0,
@@ -116,7 +119,7 @@ STAGES: dict[str, Stage] = {
     ),
     "sft": Stage(
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
-        seq_len=131_072, steps=40, min_level=LEVEL_RESPONSE,
+        seq_len=131_072, steps=200, min_level=LEVEL_RESPONSE,
     ),
 }  # fmt: skip
 
