@@ -75,7 +75,7 @@ def test_scaling_to_presets():
 
 def test_steps_tokens_and_overrides():
     stages = get_recipe("vlm")
-    assert [s.steps for s in with_steps(stages, steps=33)] == [1, 27, 1, 5]
+    assert [s.steps for s in with_steps(stages, steps=33)] == [1, 26, 1, 5]
     by_tokens = with_steps(stages, tokens=10_000_000)
     assert sum(s.steps * s.seq_len for s in by_tokens) == pytest.approx(10_000_000, rel=0.01)
     with pytest.raises(ValueError, match="not both"):

@@ -28,7 +28,9 @@ Scaling to a preset (:func:`scale_to`):
   ~1.9M tokens); real runs set ``--steps`` or ``--tokens``. Most of them go to stage 1 and SFT, and
   SFT gets a larger share than the paper's token split would give it: its loss counts only the
   answers, while stage 1's also counts the prompt (templates and questions the model cannot
-  predict), and the held-out score is on answers (profiles/20261201_main_job_learning.md).
+  predict), and the held-out score is on answers (profiles/20261201_main_job_learning.md). Stage 2
+  keeps 4% of stage 1's steps (16% of its tokens) so that a short ``--steps 16`` run of stage 1 and 2
+  still gives stage 2 one step of its 16.
 One step is ``accum`` packed micro-batches of at most ``seq_len`` tokens each: the global batch,
 whatever the layout. Under data parallelism each of the dp ranks takes accum / dp of them, so
 ``accum`` must be a multiple of dp (``--set '*.accum=N'``).
@@ -115,7 +117,7 @@ STAGES: dict[str, Stage] = {
     ),
     "stage2": Stage(
         "stage2", MODULES, lr_max=5.22e-6, lr_min=5.22e-6, schedule="constant", warmup=0.0,
-        seq_len=131_072, steps=20, min_level=LEVEL_PROMPT, reset_optimizer=False,
+        seq_len=131_072, steps=40, min_level=LEVEL_PROMPT, reset_optimizer=False,
     ),
     "sft": Stage(
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
