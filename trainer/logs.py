@@ -148,17 +148,22 @@ class NullRunLog:
         pass
 
 
+def _records(path: Path) -> list[dict]:
+    """Every record of a log.jsonl, in order; a line cut short by a kill is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def read_steps(path: Path) -> list[dict]:
     """Step records of a log.jsonl, the last one of each step (a resumed run re-logs some), by step."""
-    by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if "step" in rec and "loss" in rec and "event" not in rec:
-                by_step[rec["step"]] = rec
+    by_step = {r["step"]: r for r in _records(path) if "step" in r and "loss" in r and "event" not in r}
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -193,15 +198,7 @@ def _stage_rate(recs: list[dict]) -> float:
 
 def read_events(path: Path, name: str) -> list[dict]:
     """The ``name`` events of a log.jsonl (e.g. "eval"), in order."""
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return [e for e in events if e.get("event") == name]
+    return [e for e in _records(path) if e.get("event") == name]
 
 
 def plot_losses(records: list[dict], png: Path, evals: list[dict] | None = None) -> Path | None:
