@@ -14,6 +14,8 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -68,6 +70,7 @@ class SeedVLM(nn.Module):
         vit_max_seqlen: int | None = None,
         visual_index: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        visual_route: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> LLMOutput:
         """Logits (T, V) of a packed multimodal batch, plus the MoE losses.
 
@@ -85,12 +88,18 @@ class SeedVLM(nn.Module):
                 shard holds only some placeholders of its batch's images.
             token_mask: optional (T,) bool, the rows the MoE balance statistics count (padding rows
                 of a context-parallel shard are False).
+            visual_route: optional map from the visual tokens of the images passed here to those
+                input_ids' placeholders take, in order (instead of ``visual_index``). Vision
+                workload balancing (trainer.parallel.vit_balance) passes one: the images are then
+                those this process encodes for others, and the map exchanges their tokens.
         """
         vision_args = (patches, pos_hw, vit_cu_seqlens, vit_max_seqlen)
         if any(a is None for a in vision_args) and not all(a is None for a in vision_args):
             raise ValueError("SeedVLM: pass all of patches, pos_hw, vit_cu_seqlens, vit_max_seqlen or none")
         visual = None if patches is None else self.encode_images(*vision_args)
-        if visual is not None and visual_index is not None:
+        if visual is not None and visual_route is not None:
+            visual = visual_route(visual)
+        elif visual is not None and visual_index is not None:
             visual = visual.index_select(0, visual_index)
         embeds = self.embed(input_ids, visual)
         return self.llm(

@@ -70,6 +70,8 @@ class RunConfig:
     activation_checkpointing: str = "none"  # "none", "selective" or "full" per ViT block / decoder layer
     compile: bool = False  # torch.compile each ViT block and decoder layer
     async_save: bool = False  # checkpoints written in the background (dcp.async_save)
+    vit_balance: str = "auto"  # "auto" (flops under torchrun), "off", "flops", "patches", "patches2"
+    vit_balance_group: int | None = None  # ranks per balancing group; default the largest divisor <= 128
 
 
 # RunConfig field -> the command-line flag (and TOML key) that sets it, where the names differ.
@@ -94,6 +96,12 @@ def validate(cfg: RunConfig) -> None:
         raise SetupError(f"--profiler: expected torch or nsys, got {cfg.profiler!r}")
     if (ac := cfg.activation_checkpointing) not in ("none", "selective", "full"):
         raise SetupError(f"--activation-checkpointing: expected none, selective or full, got {ac!r}")
+    if cfg.vit_balance not in ("auto", "off", "flops", "patches", "patches2"):
+        raise SetupError(
+            f"--vit-balance: expected auto, off, flops, patches or patches2, got {cfg.vit_balance!r}"
+        )
+    if cfg.vit_balance_group is not None and cfg.vit_balance_group < 1:
+        raise SetupError(f"--vit-balance-group: expected an integer >= 1, got {cfg.vit_balance_group}")
     if cfg.mixed_precision not in ("auto", "bf16", "fp32"):
         raise SetupError(f"--mixed-precision: expected auto, bf16 or fp32, got {cfg.mixed_precision!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from model.vlm import SeedVLM
 
 from . import logs, parallel
+from .balance import CostModel, check_group, default_group
 from .checkpoint import Checkpointer
 from .components import (
     _device,
@@ -137,6 +138,8 @@ class Run:
             )
             self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
             self.flops = FlopCounter(self.model_cfg)
+            self.vit_cost = CostModel.from_config(self.model_cfg)
+            self.balance_rule, self.balance_group = self._balance_layout()
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
             raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
 
@@ -170,9 +173,25 @@ class Run:
             self.model, self.meshes, param_dtype=self.compute_dtype,
             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
         )  # fmt: skip
+        self.balancer: parallel.VisionBalancer | None = None
+        if self.balance_rule != "off":
+            self.balancer = parallel.VisionBalancer(
+                self.balance_rule, self.balance_group, self.vit_cost,
+                cp=self.dims.cp, timeout_s=cfg.pg_timeout,
+            )  # fmt: skip
         self.foreach = False if self.dims.ep > 1 else None
         if cfg.resume:
             self._resume(resume_from)
+
+    def _balance_layout(self) -> tuple[str, int]:
+        """(rule, group size) of vision workload balancing: off in a single process; under
+        torchrun ``--vit-balance`` (auto: flops) in groups of ``--vit-balance-group`` ranks."""
+        if not self.distributed:
+            return "off", 1
+        rule = "flops" if self.cfg.vit_balance == "auto" else self.cfg.vit_balance
+        world = dist.get_world_size()
+        group = self.cfg.vit_balance_group or default_group(world, self.dims.cp)
+        return rule, check_group(group, world, self.dims.cp)
 
     def _stream(self, key: str) -> BatchStream:
         source = _source(key, self.cfg.seed, self.skips)
@@ -295,7 +314,10 @@ class Run:
         micro = [next(batches) for _ in range(stage.accum // self.dims.dp)]
         wait = time.time() - t0
         lr = self.optimizer.param_groups[0]["lr"]
-        counts, sums = self.forward_backward(stage, [b for b, _ in micro])
+        batches_ = [b for b, _ in micro]
+        if self.balancer is not None:
+            batches_ = self.balancer.balance(batches_)
+        counts, sums = self.forward_backward(stage, batches_)
         targets = max(1, counts["targets"])
         with nvtx_range("optimizer"):
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -324,23 +346,28 @@ class Run:
             "tokens": counts["tokens"], "rank_tokens": counts["rank_tokens"], "targets": targets,
             "model_flops": counts["flops"],
             "docs": counts["docs"], "images": counts["images"], "data_wait_s": round(wait, 4),
+            **{k: counts[k] for k in ("vit_imbalance", "vit_pixel_bytes", "vit_token_bytes") if k in counts},
         }  # fmt: skip
 
-    def forward_backward(self, stage: Stage, micro: list[PackedBatch]) -> tuple[dict[str, int], torch.Tensor]:
-        """Accumulate the gradients of this rank's micro-batches of one step; returns the step's
-        global counts and this rank's (CE, balance, z) sums."""
+    def forward_backward(
+        self, stage: Stage, micro: list[PackedBatch | parallel.BalancedBatch]
+    ) -> tuple[dict, torch.Tensor]:
+        """Accumulate the gradients of this rank's micro-batches of one step (balanced ones carry
+        the images this rank encodes and their tokens' route); returns the step's global counts
+        and this rank's (CE, balance, z) sums."""
         counts = self._global_counts(micro)
         targets = max(1, counts["targets"])
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CE, balance, z
-        for batch in micro:
-            batch = batch.to(self.device, non_blocking=True)
+        for item in micro:
+            item = item.to(self.device, non_blocking=True)
+            batch = parallel.unwrap(item)
             # FSDP casts for itself; a single process casts through autocast.
             autocast = self.compute_dtype is not None and not self.distributed
             with (
                 nvtx_range("forward"),
                 torch.autocast(self.device.type, self.compute_dtype, enabled=autocast),
             ):
-                out = self.model(**batch.model_inputs())
+                out = self.model(**item.model_inputs())
                 ce, loss = micro_batch_loss(
                     out, batch.labels, targets=targets, accum=stage.accum, llm=self.model_cfg.llm
                 )
@@ -350,30 +377,49 @@ class Run:
                 sums += torch.stack([ce, out.load_balancing_loss, out.router_z_loss]).double()
         return counts, sums
 
-    def _global_counts(self, micro: list[PackedBatch]) -> dict[str, int]:
-        """The step's targets, tokens (padding excluded), documents and images over all ranks; one
-        all-reduce when distributed (the loss normaliser must be the global target count)."""
+    def _global_counts(self, micro: list[PackedBatch | parallel.BalancedBatch]) -> dict:
+        """The step's targets, tokens (padding excluded), documents and images over all ranks, and
+        when distributed the ViT load imbalance and the bytes balancing moved; one all-gather of
+        a few integers per rank (the loss normaliser must be the global target count).
+
+        ``vit_imbalance`` is sum over micro-batches of (max over ranks of the ViT + adapter FLOPs
+        a rank computes) / sum of their mean: the ViT's time against a perfect spread, as each
+        micro-batch's ViT waits for its slowest rank at the FSDP collectives."""
         first_of_group = self.meshes is None or self.meshes.cp_rank == 0  # a cp group shares documents
+        batches = [parallel.unwrap(b) for b in micro]
+        balanced = [b for b in micro if isinstance(b, parallel.BalancedBatch)]
+        itemsize = (self.compute_dtype or torch.float32).itemsize
         local = [
-            sum(self.flops.batch(b) for b in micro),
-            sum(b.num_targets for b in micro),
-            sum(b.num_tokens if b.token_mask is None else int(b.token_mask.sum()) for b in micro),
-            sum(b.num_documents for b in micro) if first_of_group else 0,
-            sum(b.num_images for b in micro) if first_of_group else 0,
+            sum(self.flops.batch(b) for b in batches),
+            sum(b.num_targets for b in batches),
+            sum(b.num_tokens if b.token_mask is None else int(b.token_mask.sum()) for b in batches),
+            sum(b.num_documents for b in batches) if first_of_group else 0,
+            sum(b.num_images for b in micro) if first_of_group else 0,  # the micro-batches' own
+            sum(b.pixel_bytes for b in balanced),
+            sum(b.token_rows for b in balanced) * self.model_cfg.llm.hidden * itemsize,
         ]
-        rank_tokens = sum(b.num_tokens for b in micro)
-        if self.distributed:
-            t = torch.tensor(local, dtype=torch.int64, device=self.device)
-            dist.all_reduce(t)
-            local = t.tolist()
-        names = ("flops", "targets", "tokens", "docs", "images")
-        return dict(zip(names, local, strict=True), rank_tokens=rank_tokens)
+        vit = [int(self.vit_cost.flops(b.vit_cu_seqlens.diff().numpy()).sum()) for b in batches]
+        rank_tokens = sum(b.num_tokens for b in batches)
+        names = ("flops", "targets", "tokens", "docs", "images", "vit_pixel_bytes", "vit_token_bytes")
+        if not self.distributed:
+            return dict(zip(names[:5], local[:5], strict=True), rank_tokens=rank_tokens)
+        t = torch.tensor(local + vit, dtype=torch.int64, device=self.device)
+        every = t.new_empty(dist.get_world_size() * t.numel())
+        dist.all_gather_into_tensor(every, t)
+        every = every.view(dist.get_world_size(), -1).cpu()
+        out = dict(zip(names, every[:, : len(names)].sum(0).tolist(), strict=True), rank_tokens=rank_tokens)
+        vit_all = every[:, len(names) :].double()
+        mean = vit_all.mean(0).sum().item()
+        out["vit_imbalance"] = round(vit_all.max(0).values.sum().item() / mean, 4) if mean > 0 else 1.0
+        return out
 
     def train(self) -> dict:
         """Run the remaining stages; returns the summary (also written to <out>/summary.json)."""
         cfg, state = self.cfg, self.state
         n_params = sum(p.numel() for p in self.model.parameters())
         layout = f"; {self.dims} over {dist.get_world_size()} ranks" if self.distributed else ""
+        if self.balancer is not None:
+            layout += f", images balanced by {self.balance_rule} in groups of {self.balance_group}"
         log.info(
             "preset %s (%.2fM parameters, vocab %d), recipe %s: %s; data %s; device %s%s%s; out %s",
             cfg.preset, n_params / 1e6, self.model_cfg.llm.vocab_size, cfg.recipe,

@@ -102,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="per ViT block and decoder layer: selective keeps matmul and attention outputs and "
         "recomputes the rest, full recomputes whole blocks (default none)")
     add("--compile", action="store_true", help="torch.compile each ViT block and decoder layer (default off)")
+    add("--vit-balance", choices=("auto", "off", "flops", "patches", "patches2"), default="auto",
+        help="under torchrun, spread each step's images over the ranks by their ViT cost (FLOPs, "
+        "patches or patches^2) and send the visual tokens back; auto (default): flops with 2 or "
+        "more ranks; see trainer/balance.py")
+    add("--vit-balance-group", type=int, metavar="G",
+        help="balance within groups of G consecutive ranks (a divisor of the world and a multiple "
+        "of cp; default the largest such divisor up to 128)")
     add("--pg-timeout", type=float, default=600.0, metavar="S",
         help="seconds a collective waits for a peer before the job fails (600)")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -123,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
         activation_checkpointing=a.activation_checkpointing, compile=a.compile, async_save=a.async_save,
+        vit_balance=a.vit_balance, vit_balance_group=a.vit_balance_group,
     )  # fmt: skip
 
 

@@ -9,6 +9,10 @@
 
 A single process takes step 3 alone (``meshes`` None).
 
+Vision workload balancing (``vit_balance``) is not applied to the model: the trainer builds a
+``VisionBalancer`` next to it, which spreads each step's images over the ranks and hands the model
+each micro-batch's ``visual_route``.
+
 Expert parallelism comes before FSDP because FSDP shards what is already a DTensor on the "ep"
 dimension again over "edp". The data side (which micro-batches and which shard each rank takes)
 lives in ``trainer.data.stream`` and ``context_parallel.shard_batch``; the layout and its meshes in
@@ -28,6 +32,7 @@ from .dims import LayoutError, Meshes, ParallelDims, init_distributed, launched_
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, mixed_precision, refresh_trainable
 from .grad_norm import clip_grad_norm_
+from .vit_balance import BalancedBatch, VisionBalancer, VisualRoute, unwrap
 
 
 def parallelize(
@@ -53,13 +58,17 @@ def parallelize(
 
 __all__ = [
     "AC_MODES",
+    "BalancedBatch",
     "LayoutError",
     "Meshes",
     "ParallelDims",
+    "VisionBalancer",
+    "VisualRoute",
     "clip_grad_norm_",
     "init_distributed",
     "launched_by_torchrun",
     "parallelize",
     "refresh_trainable",
     "shard_batch",
+    "unwrap",
 ]
