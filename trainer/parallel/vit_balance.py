@@ -166,7 +166,7 @@ class VisionBalancer:
             index += [h[0] for h in held]
             grid += [h[1] for h in held]
             source += [h[2] for h in held]
-            offset.append(np.concatenate([[0], np.cumsum(tokens)[:-1]]).astype(np.int64))
+            offset.append(np.cumsum(tokens) - tokens)
         dgrp, index, source = (np.array(x, dtype=np.int64) for x in (dgrp, index, source))
         grid = np.array(grid, dtype=np.int64).reshape(-1, 2)
         offset = np.concatenate(offset) if offset else np.zeros(0, np.int64)
