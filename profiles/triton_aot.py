@@ -192,29 +192,21 @@ def problems(launch: Launch, rep: Report, dtype: torch.dtype, arch: int) -> list
 # ----------------------------------------------------------------------------- the launches
 
 
-def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
+# (head dim, max_seqlen, rope, causal, every autotune config, fp32 outputs as ring attention asks)
+AttentionCase = tuple[int, int, bool, bool, bool, bool]
+_ATTENTION_UNALIGNED = frozenset({"stride_pos_t", "stride_pos_c", "stride_lse_h", "stride_dlse_h"})
+
+
+def attention_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterator[Launch]:
+    """The forward, dK/dV and dQ launches of varlen_attention for each case."""
     from seedvl_kernels import varlen_attention_triton as vat
 
     cuda = torch.device("cuda")
-    unaligned = frozenset({"stride_pos_t", "stride_pos_c", "stride_lse_h", "stride_dlse_h"})
     kernels = (
         ("fwd", vat._varlen_attention_fwd_kernel, "fwd_m", "fwd_n", "out_ptr"),
         ("dkdv", vat._varlen_attention_bwd_dkdv_kernel, "dkdv_m", "dkdv_n", ("dk_ptr", "dv_ptr")),
         ("dq", vat._varlen_attention_bwd_dq_kernel, "dq_m", "dq_n", "dq_ptr"),
     )
-    # (head dim, max_seqlen, rope, causal, every autotune config, fp32 outputs as ring attention asks)
-    if quick:
-        cases = [(64, 4096, True, True, True, False), (128, 4096, False, False, False, False)]
-        cases += [(80, 4096, True, False, False, False), (64, 64, True, False, False, False)]
-        cases += [(128, 4096, False, True, False, True)]
-    else:
-        cases = [
-            (d, 4096, rope, causal, True, False)
-            for d in (64, 72, 80, 128)
-            for rope in (False, True)
-            for causal in (False, True)
-        ]
-        cases += [(64, 64, True, False, True, False), (128, 4096, False, True, True, True)]
     for d, max_seqlen, rope, causal, all_configs, fp32_out in cases:
         tiles = vat.tiles_for(cuda, d, max_seqlen, max_seqlen)
         for name, kernel, m, n, outs in kernels:
@@ -233,13 +225,36 @@ def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
                 )
                 yield Launch(
                     "varlen_attention", label, kernel, consts, cfg.num_warps, cfg.num_stages,
-                    unaligned=unaligned, pointers=pointers,
+                    unaligned=_ATTENTION_UNALIGNED, pointers=pointers,
                 )  # fmt: skip
+
+
+def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
+    if quick:
+        cases = [(64, 4096, True, True, True, False), (128, 4096, False, False, False, False)]
+        cases += [(80, 4096, True, False, False, False), (64, 64, True, False, False, False)]
+        cases += [(128, 4096, False, True, False, True)]
+    else:
+        cases = [
+            (d, 4096, rope, causal, True, False)
+            for d in (64, 72, 80, 128)
+            for rope in (False, True)
+            for causal in (False, True)
+        ]
+        cases += [(64, 64, True, False, True, False), (128, 4096, False, True, True, True)]
+    yield from attention_launches(dtype, cases)
+    yield from attention_aux_launches()
+
+
+def attention_aux_launches() -> Iterator[Launch]:
+    """varlen_attention's kernels without a dot product: the backward's preprocess, the schedule."""
+    from seedvl_kernels import varlen_attention_triton as vat
+
     for d in (64, 128):
         consts = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_T=64, HAS_DLSE=True)
         yield Launch(
             "varlen_attention", f"bwd preprocess D={d}", vat._varlen_attention_bwd_preprocess_kernel,
-            consts, 4, 1, unaligned=unaligned, dot=False, loop=False,
+            consts, 4, 1, unaligned=_ATTENTION_UNALIGNED, dot=False, loop=False,
         )  # fmt: skip
     num_seqs = 64
     consts = dict(
@@ -267,16 +282,23 @@ def _rope_2d(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
             )  # fmt: skip
 
 
+MOE_PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}
+
+
 def _moe(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
+    yield from moe_launches(dtype, ["qwen3-30b-a3b"] if quick else list(MOE_PRESETS))
+
+
+def moe_launches(dtype: torch.dtype, presets: list[str]) -> Iterator[Launch]:
+    """The grouped GEMM and moe_ffn launches at the expert shapes of each LLM preset."""
     from seedvl_kernels import grouped_gemm_triton as ggt
     from seedvl_kernels import moe_ffn_triton as mft
 
     cuda = torch.device("cuda")
     precision = ggt.dot_precision(dtype)
-    presets = (("qwen3-30b-a3b", QWEN3_30B_A3B),) if quick else ()
-    presets = presets or (("qwen3-30b-a3b", QWEN3_30B_A3B), ("qwen3-235b-a22b", QWEN3_235B_A22B))
     m_unit = frozenset({"stride_ak", "stride_bn", "stride_on"})
-    for preset, cfg in presets:
+    for preset in presets:
+        cfg = MOE_PRESETS[preset]
         D, FF, E = cfg.hidden, cfg.moe_ffn_dim, cfg.num_experts
         groups = {"NUM_GROUPS": E, "GROUPS_POW2": ggt.groups_pow2(E)}
         for n, k, what in ((2 * FF, D, "gate_up fwd"), (D, FF, "down fwd"), (D, 2 * FF, "gate_up dgrad")):

@@ -25,11 +25,13 @@ from . import _backends, _dispatch
 # (op, impl) -> (date, GPU, result file) of the GPU pass (scripts/gpu_pass.sh) in which the
 # implementation passed the real-size bf16 self-check; add an entry only with that committed file.
 # No implementation has run on a GPU yet: Triton kernels are checked by the interpreter and
-# compiled for sm_90 offline (profiles/triton_aot.py), CUDA kernels are compiled by nvcc (sm_80,
+# compiled for sm_90a offline (profiles/triton_aot.py), CUDA kernels are compiled by nvcc (sm_80,
 # sm_90a), and only the references (and the Triton kernels in the interpreter) are tested on a CPU.
+# What the compiled sm_90a code looks like (registers, spills, occupancy, wgmma) is in
+# profiles/kernel_report.md.
 GPU_VERIFIED: dict[tuple[str, str], tuple[str, str, str]] = {}
 _NOT_VERIFIED = {
-    "triton": "compiled only (interpreter tests on CPU, sm_90 AOT compile)",
+    "triton": "compiled only (interpreter tests on CPU, sm_90a AOT compile)",
     "cuda": "compiled only (nvcc sm_80/sm_90a)",
     "ref": "reference (tested on CPU)",
 }
@@ -180,6 +182,7 @@ def _print(info: dict[str, Any]) -> None:
         "verified on a GPU: "
         + (", ".join(verified) if verified else "none yet (no implementation has run on a GPU)")
     )
+    print("  static sm_90a evidence (registers, spills, occupancy, wgmma): profiles/kernel_report.md")
     for op, row in info["gpu_verified"].items():
         kernels = {impl: v for impl, v in row.items() if impl != "ref"}
         if kernels:
