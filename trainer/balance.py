@@ -316,7 +316,7 @@ def simulate(per_rank: list[np.ndarray], model: CostModel, group: int, token_byt
         per = loads(flops, encoder, world)
         out[name] = {
             "max_over_mean": round(imbalance(per), 4),
-            "max_rank_tflops": round(float(per.max()) / 1e12, 3),
+            "max_rank_gflops": round(float(per.max()) / 1e9, 3),
             "moved_images": int(moved.sum()),
             "pixel_bytes": int(pixel[moved].sum()),
             "token_bytes": int(token[moved].sum()),
@@ -329,7 +329,7 @@ def simulate(per_rank: list[np.ndarray], model: CostModel, group: int, token_byt
         "ranks": world,
         "images": int(patches.size),
         "images_per_rank": round(patches.size / max(world, 1), 2),
-        "mean_rank_tflops": round(float(flops.sum()) / world / 1e12, 3),
+        "mean_rank_gflops": round(float(flops.sum()) / world / 1e9, 3),
         "largest_image_over_mean_rank": round(float(flops.max()) / (float(flops.sum()) / world), 4),
         "rules": out,
     }
