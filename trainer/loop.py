@@ -26,7 +26,10 @@ trainer.parallel applies the layout to it. A step's ``accum`` micro-batches are 
 dp rank r takes every dp-th of them (trainer.data.stream), the cp ranks of a dp replica each take
 a zigzag shard of the same ones, and one all-reduce of the step's counts makes the loss
 normaliser global, so a step's loss and gradients do not depend on the layout. Rank 0 alone writes
-logs; every rank writes its checkpoint shard.
+logs; every rank writes its checkpoint shard. With ``--vit-balance`` (flops by default under
+torchrun) the step's images are first spread over the ranks by their ViT FLOPs
+(trainer.parallel.vit_balance), and each step's record carries the ViT load imbalance and the bytes
+that moved.
 """
 
 from __future__ import annotations
