@@ -89,21 +89,100 @@ def _sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[t
     return [(q0, q1, k0, k1) for q0, q1, k0, k1 in bounds if q1 > q0 and k1 > k0]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """S of one sequence: q (Lq, Hkv, G, D), k (Lk, Hkv, D) -> (Hkv, G, Lq, Lk), masked to -inf."""
-    s = torch.einsum("qhgd,khd->hgqk", q, k) * scale
+BUCKET_SLACK = 1.25  # a bucket's longest sequence is at most this much longer than its shortest
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Sequences of similar lengths, left-padded to common lengths Lq and Lk, so that one batched
+    matmul serves them all. ``rows_q`` (B, Lq) and ``rows_k`` (B, Lk) index the packed tensors;
+    padding slots index row 0 and are False in ``valid_q`` / ``valid_k``.
+
+    Left padding keeps the bottom-right causal rule exact: query i of a sequence (lq, lk) sees key j
+    iff j <= i + lk - lq, which at padded positions i' = i + Lq - lq, j' = j + Lk - lk reads
+    j' <= i' + Lk - Lq, one mask for the whole bucket."""
+
+    rows_q: torch.Tensor
+    rows_k: torch.Tensor
+    valid_q: torch.Tensor
+    valid_k: torch.Tensor
+
+    @staticmethod
+    def _rows(ends: list[int], lengths: list[int], width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        end = torch.tensor(ends, device=device)[:, None]
+        n = torch.tensor(lengths, device=device)[:, None]
+        offset = torch.arange(width, device=device)[None, :] - width  # -width .. -1
+        valid = offset >= -n
+        return torch.where(valid, end + offset, 0), valid
+
+
+def _buckets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[_Bucket]:
+    """The non-empty sequences grouped into buckets of similar lengths (host sync). The math per
+    sequence is unchanged: padded keys are masked, padded queries dropped."""
+    seqs = sorted(_sequences(cu_seqlens_q, cu_seqlens_k), key=lambda b: (b[3] - b[2], b[1] - b[0]))
+    groups: list[list[tuple[int, int, int, int]]] = []
+
+    def close(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+        la, lb = (a[1] - a[0], a[3] - a[2]), (b[1] - b[0], b[3] - b[2])
+        return all(max(x, y) <= BUCKET_SLACK * min(x, y) for x, y in zip(la, lb, strict=True))
+
+    for seq in seqs:
+        if groups and close(seq, groups[-1][0]):
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    device = cu_seqlens_q.device
+    out = []
+    for g in groups:
+        lq = [q1 - q0 for q0, q1, _, _ in g]
+        lk = [k1 - k0 for _, _, k0, k1 in g]
+        rows_q, valid_q = _Bucket._rows([q1 for _, q1, _, _ in g], lq, max(lq), device)
+        rows_k, valid_k = _Bucket._rows([k1 for _, _, _, k1 in g], lk, max(lk), device)
+        out.append(_Bucket(rows_q, rows_k, valid_q, valid_k))
+    return out
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, bucket: _Bucket, scale: float, causal: bool) -> torch.Tensor:
+    """S of one bucket: q (B, Lq, Hkv, G, D), k (B, Lk, Hkv, D) -> (B, Hkv, G, Lq, Lk), masked to
+    -inf (padded keys; causal)."""
+    s = torch.einsum("bqhgd,bkhd->bhgqk", q, k).mul_(scale)
+    hidden = ~bucket.valid_k[:, None, None, None, :]
     if causal:
-        lq, lk = q.shape[0], k.shape[0]
+        lq, lk = q.shape[1], k.shape[1]
         i = torch.arange(lq, device=q.device)[:, None]
         j = torch.arange(lk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (lk - lq), float("-inf"))
-    return s
+        hidden = hidden | (j > i + (lk - lq))
+    return s.masked_fill_(hidden, float("-inf"))
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) in place, minus exp(floor) and clamped at 0, with floor the log of the smallest
+    normal number: exactly 0 for -inf (masked scores), and a shift far below the dtype's
+    resolution for anything that matters (probabilities are summed against a largest one of at
+    least 1/L). CPU exp takes a slow scalar path for arguments whose result is subnormal, about 60x
+    slower than the vector one, and masked or far-from-max scores are exactly those."""
+    floor = -87.0 if x.dtype == torch.float32 else -708.0
+    return x.clamp_(min=floor).exp_().sub_(math.exp(floor)).clamp_(min=0.0)
+
+
+def _logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over the last dim (-inf for an all -inf row, +inf for a row with +inf, NaN
+    for a row with NaN), through :func:`_exp_`."""
+    m = s.amax(dim=-1, keepdim=True)
+    m.masked_fill_(~torch.isfinite(m), 0.0)
+    return _exp_(s - m).sum(dim=-1, keepdim=True).log_().add_(m).squeeze(-1)
 
 
 def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """P = exp(S - lse), exactly 0 (never NaN) on rows whose lse is -inf."""
     empty = torch.isneginf(lse)[..., None]
-    return torch.exp(s - lse[..., None].masked_fill(empty, 0.0)).masked_fill(empty, 0.0)
+    return _exp_(s - lse[..., None].masked_fill(empty, 0.0)).masked_fill_(empty, 0.0)
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """x[rows] in dtype c with padding slots zeroed: (T, ...) -> (B, L, ...)."""
+    g = x[rows].to(c)
+    return g.masked_fill(~valid.view(*valid.shape, *(1,) * (g.dim() - 2)), 0.0)
 
 
 def varlen_attention_ref(
@@ -119,7 +198,7 @@ def varlen_attention_ref(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch forward (the spec): returns out (T, Hq, D) in ``out_dtype`` (default q's dtype)
-    and lse (Hq, T)."""
+    and lse (Hq, T). Sequences of similar lengths go through one batched matmul (:func:`_buckets`)."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     c = _compute_dtype(q.dtype)
@@ -127,18 +206,19 @@ def varlen_attention_ref(
     if pos_hw is not None:
         q, k = rope_2d_ref(q, pos_hw, rope_theta), rope_2d_ref(k, pos_hw, rope_theta)
     out = torch.zeros(T, Hq, D, dtype=c, device=q.device)
-    lse = torch.full((Hq, T), float("-inf"), dtype=c, device=q.device)
-    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        qs = q[q0:q1].to(c).unflatten(1, (Hkv, Hq // Hkv))
-        s = _scores(qs, k[k0:k1].to(c), scale, causal)
-        row_lse = torch.logsumexp(s, dim=-1)  # (Hkv, G, Lq); -inf where no key is visible
+    lse = torch.full((T, Hq), float("-inf"), dtype=c, device=q.device)
+    for b in _buckets(cu_seqlens_q, cu_seqlens_k):
+        qs = _gather(q, b.rows_q, b.valid_q, c).unflatten(2, (Hkv, Hq // Hkv))
+        s = _scores(qs, _gather(k, b.rows_k, b.valid_k, c), b, scale, causal)
+        row_lse = _logsumexp(s)  # (B, Hkv, G, Lq); -inf where no key is visible
         # A +inf score (fp32 overflow) makes P = inf/inf = NaN: the row's lse is NaN too, like a
         # NaN score's (the non-finite rule in the module docstring).
         row_lse = row_lse.masked_fill(torch.isposinf(row_lse), float("nan"))
-        o = torch.einsum("hgqk,khd->qhgd", _probs(s, row_lse), v[k0:k1].to(c))
-        out[q0:q1] = o.flatten(1, 2)
-        lse[:, q0:q1] = row_lse.flatten(0, 1)
-    return out.to(out_dtype or q.dtype), lse
+        o = torch.einsum("bhgqk,bkhd->bqhgd", _probs(s, row_lse), _gather(v, b.rows_k, b.valid_k, c))
+        rows = b.rows_q[b.valid_q]
+        out[rows] = o.flatten(2, 3)[b.valid_q]
+        lse[rows] = row_lse.flatten(1, 2).transpose(1, 2)[b.valid_q]
+    return out.to(out_dtype or q.dtype), lse.t().contiguous()
 
 
 def varlen_attention_bwd_ref(
@@ -172,18 +252,25 @@ def varlen_attention_bwd_ref(
     dq = torch.zeros(T, Hq, D, dtype=c, device=q.device)
     dk = torch.zeros(k.shape, dtype=c, device=k.device)
     dv = torch.zeros(v.shape, dtype=c, device=v.device)
-    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        qs = q[q0:q1].to(c).unflatten(1, (Hkv, G))
-        ks, vs = k[k0:k1].to(c), v[k0:k1].to(c)
-        do = dout[q0:q1].to(c).unflatten(1, (Hkv, G))
-        p = _probs(_scores(qs, ks, scale, causal), lse[:, q0:q1].to(c).unflatten(0, (Hkv, G)))
-        delta = (do * out[q0:q1].to(c).unflatten(1, (Hkv, G))).sum(-1).permute(1, 2, 0)  # (Hkv, G, Lq)
-        if dlse is not None:
-            delta = delta - dlse[:, q0:q1].to(c).unflatten(0, (Hkv, G))
-        ds = p * (torch.einsum("qhgd,khd->hgqk", do, vs) - delta[..., None])
-        dv[k0:k1] = torch.einsum("hgqk,qhgd->khd", p, do)
-        dq[q0:q1] = (scale * torch.einsum("hgqk,khd->qhgd", ds, ks)).flatten(1, 2)
-        dk[k0:k1] = scale * torch.einsum("hgqk,qhgd->khd", ds, qs)
+    lse_t = lse.t()
+    dlse_t = None if dlse is None else dlse.t()
+    for b in _buckets(cu_seqlens_q, cu_seqlens_k):
+        qs = _gather(q, b.rows_q, b.valid_q, c).unflatten(2, (Hkv, G))
+        ks, vs = _gather(k, b.rows_k, b.valid_k, c), _gather(v, b.rows_k, b.valid_k, c)
+        do = _gather(dout, b.rows_q, b.valid_q, c).unflatten(2, (Hkv, G))
+        # Padded query rows get lse = -inf, so their P is 0 and they add nothing to dK, dV.
+        row_lse = _gather(lse_t, b.rows_q, b.valid_q, c).masked_fill(~b.valid_q[..., None], float("-inf"))
+        row_lse = row_lse.unflatten(2, (Hkv, G)).permute(0, 2, 3, 1)  # (B, Hkv, G, Lq)
+        p = _probs(_scores(qs, ks, b, scale, causal), row_lse)
+        o = _gather(out, b.rows_q, b.valid_q, c).unflatten(2, (Hkv, G))
+        delta = (do * o).sum(-1).permute(0, 2, 3, 1)  # (B, Hkv, G, Lq)
+        if dlse_t is not None:
+            delta = delta - _gather(dlse_t, b.rows_q, b.valid_q, c).unflatten(2, (Hkv, G)).permute(0, 2, 3, 1)
+        ds = p * (torch.einsum("bqhgd,bkhd->bhgqk", do, vs) - delta[..., None])
+        rows_q, rows_k = b.rows_q[b.valid_q], b.rows_k[b.valid_k]
+        dv[rows_k] = torch.einsum("bhgqk,bqhgd->bkhd", p, do)[b.valid_k]
+        dq[rows_q] = (scale * torch.einsum("bhgqk,bkhd->bqhgd", ds, ks)).flatten(2, 3)[b.valid_q]
+        dk[rows_k] = (scale * torch.einsum("bhgqk,bqhgd->bkhd", ds, qs))[b.valid_k]
     if pos_hw is not None:
         dq = rope_2d_ref(dq, pos_hw, rope_theta, inverse=True)
         dk = rope_2d_ref(dk, pos_hw, rope_theta, inverse=True)
