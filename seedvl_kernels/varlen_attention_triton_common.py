@@ -35,8 +35,9 @@ TUNE_KEY = ["HEAD_DIM", "CAUSAL", "ROPE", "BLOCK_M", "BLOCK_N", "DOT_PREC"]
 #   "search" (default): time every config of _PAIRS once per shape class (TUNE_KEY + dtype), as
 #       Triton's autotuner does; the winner can differ from run to run when two are close.
 #   "pinned": one config per shape class, no timing: the one $SEEDVL_AUTOTUNE_FILE records for this
-#       GPU, else the first of _PAIRS. Benchmarks and bitwise-determinism tests run this way, so every
-#       run of a shape class compiles and runs the same code, and only one config is compiled.
+#       GPU, else _PINNED's for the kernel and head-dim class. Benchmarks and bitwise-determinism tests
+#       run this way, so every run (and every process) of a shape class compiles and runs the same
+#       code, reducing in the same order, and only one config is compiled.
 # The file is JSON, {gpu name: {kernel: {shape class: [num_warps, num_stages]}}}, as written by
 # varlen_attention_triton.save_tuning() after a search on that GPU.
 AUTOTUNE_ENV = "SEEDVL_AUTOTUNE"
@@ -54,11 +55,36 @@ def _tuning_file(path: str) -> dict:
         return json.load(f)
 
 
-def pinned_pair(kernel: str, gpu: str, shape: str) -> tuple[int, int]:
-    """(num_warps, num_stages) of ``kernel`` for a shape class under SEEDVL_AUTOTUNE=pinned."""
+# The pinned config when the tuning file has none for this GPU, per kernel and head-dim class (64: head
+# dims up to 64, the ViT's; 128: above, the LLM's): one that does not spill in the offline sm_90a
+# compile of profiles/kernel_report.md (bf16 inputs, Triton 3.9; registers a thread in brackets).
+# - fwd, 8 warps / 2 stages: at D=128, 4 warps hold the 128 x 128 fp32 accumulator at the 255-register
+#   cap and spill 508-556 B (172-252 B with fp32 outputs); 8 warps do not (198; 167 with fp32 outputs).
+#   At D=64, 4 warps / 2 stages (243) sits 12 registers under the cap; 8 warps take 127 and run 16
+#   warps/SM instead of 8. 2 stages: 96 KiB of shared memory at D=128 where 3 take 128 KiB.
+# - dkdv, 8 warps / 2 stages: at D=128, 3 stages reach the cap and spill 112 B (48 B with fp32
+#   outputs); 2 stages take 236. At D=64: 170 against 204. (With both 2D RoPE and a causal mask above
+#   D=64 every dK/dV config spills, profiles/varlen_attention.md; the ViT is not causal.)
+# - dq, 4 warps / 2 stages: no dQ config spills; at D=128 this one runs 3 CTAs/SM (165).
+# tests/test_gpu_pass_plan.py holds these to the report's baseline (profiles/kernel_report.json).
+_PINNED = {
+    "fwd": {64: (8, 2), 128: (8, 2)},
+    "dkdv": {64: (8, 2), 128: (8, 2)},
+    "dq": {64: (4, 2), 128: (4, 2)},
+}
+
+
+def head_dim_class(head_dim: int) -> int:
+    """The head-dim class of _PINNED: 64 up to 64, 128 above."""
+    return 64 if head_dim <= 64 else 128
+
+
+def pinned_pair(kernel: str, gpu: str, shape: str, head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of ``kernel`` for a shape class under SEEDVL_AUTOTUNE=pinned: the
+    tuning file's for ``gpu``, else the default of ``head_dim``'s class."""
     path = os.environ.get(AUTOTUNE_FILE_ENV)
     recorded = _tuning_file(path).get(gpu, {}).get(kernel, {}).get(shape) if path else None
-    return tuple(recorded) if recorded else _PAIRS[kernel][0]
+    return tuple(recorded) if recorded else _PINNED[kernel][head_dim_class(head_dim)]
 
 
 def prune_by_mode(kernel: str):
@@ -74,7 +100,8 @@ def prune_by_mode(kernel: str):
 
         q = nargs["q_ptr"]
         gpu = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
-        want = pinned_pair(kernel, gpu, shape_class({**nargs, **kwargs}, q.dtype))
+        args = {**nargs, **kwargs}
+        want = pinned_pair(kernel, gpu, shape_class(args, q.dtype), args["HEAD_DIM"])
         return [c for c in configs if (c.num_warps, c.num_stages) == want] or configs[:1]
 
     return {"early_config_prune": prune}

@@ -149,7 +149,8 @@ def test_info_says_which_implementations_ran_on_a_gpu():
 
 def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatch):
     """SEEDVL_AUTOTUNE=pinned keeps one config per shape class (the tuning file's for this GPU, else
-    the first); save_tuning writes what a search chose in the form the pinned mode reads back."""
+    the default of its head-dim class); save_tuning writes what a search chose in the form the pinned
+    mode reads back."""
     import torch
     import triton
 
@@ -164,9 +165,10 @@ def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatc
     monkeypatch.setenv(common.AUTOTUNE_ENV, "search")
     assert prune(configs, nargs, **key) == configs
     monkeypatch.setenv(common.AUTOTUNE_ENV, "pinned")
-    assert prune(configs, nargs, **key) == configs[:1]
+    (default,) = prune(configs, nargs, **key)
+    assert (default.num_warps, default.num_stages) == common._PINNED["fwd"][64]
 
-    winner = configs[2]
+    winner = configs[1]
     tune_key = (*key.values(), "torch.bfloat16", "torch.bfloat16")
     monkeypatch.setattr(vat._varlen_attention_fwd_kernel, "cache", {tune_key: winner}, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
@@ -176,3 +178,33 @@ def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatc
     assert table["cpu"]["fwd"][shape] == [winner.num_warps, winner.num_stages]
     monkeypatch.setenv(common.AUTOTUNE_FILE_ENV, str(path))
     assert prune(configs, nargs, **key) == [winner]
+
+
+KERNEL_REPORT = ROOT / "profiles" / "kernel_report.json"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_attention_pinned_defaults_do_not_spill(kernel, head_dim):
+    """Without a tuning file, pinned mode runs a config that the autotuner also searches and that
+    the committed sm_90a report (profiles/kernel_report.json) shows without register spills at every
+    shape class of the kernel and head-dim class."""
+    from seedvl_kernels import varlen_attention_triton_common as common
+
+    pair = common.pinned_pair(kernel, "any gpu", "no recorded shape", head_dim)
+    assert pair in common._PAIRS[kernel], f"{kernel}: pinned {pair} is not searched: {common._PAIRS[kernel]}"
+    rows = json.loads(KERNEL_REPORT.read_text())["kernels"].values()
+    label = re.compile(rf"{kernel} D=(\d+) .* w(\d+) s(\d+)")
+    classes = [
+        (row, (int(m[2]), int(m[3])))
+        for row in rows
+        if row["op"] == "varlen_attention" and (m := label.fullmatch(row["shape"]))
+        if common.head_dim_class(int(m[1])) == common.head_dim_class(head_dim)
+    ]
+    if not classes:
+        pytest.skip(f"{KERNEL_REPORT.name} has no {kernel} row at a head dim of class {head_dim}")
+    pinned = [row for row, p in classes if p == pair]
+    shown = sorted({p for _, p in classes})
+    assert pinned, f"{kernel} D~{head_dim}: pinned {pair} not in {KERNEL_REPORT.name} (it has {shown})"
+    spills = {row["shape"]: row["spill"] for row in pinned if row["spill"]}
+    assert not spills, f"{kernel} D~{head_dim}: pinned {pair} spills (bytes): {spills}"
