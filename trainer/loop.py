@@ -29,7 +29,9 @@ normaliser global, so a step's loss and gradients do not depend on the layout. R
 logs; every rank writes its checkpoint shard. With ``--vit-balance`` (flops by default under
 torchrun) the step's images are first spread over the ranks by their ViT FLOPs
 (trainer.parallel.vit_balance), and each step's record carries the ViT load imbalance and the bytes
-that moved.
+that moved. The balancing group is also the loading group (trainer.data.stream): its ranks decode a
+window once between them, and each image's pixels go from the rank that decoded it to the ranks
+that encode it; the record counts the pixel bytes decoded and sent (all ranks, and the busiest).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from .components import (
 from .config import RunConfig, SetupError, as_dict, check_resume, dump_toml, signature, validate
 from .data.chat import SkipLog
 from .data.packer import PackedBatch
-from .data.stream import BatchStream, Position, Prefetcher
+from .data.stream import BatchStream, Gather, Loading, PartialBatch, Position, Prefetcher
 from .data.tokenizer import load_tokenizer
 from .evaluate import EvalResult, HeldOut, encode_config
 from .gallery import write_gallery
@@ -76,6 +78,10 @@ from .throughput import FlopCounter, measure_peak
 
 log = logging.getLogger("trainer")
 
+_DIST_KEYS = (
+    "vit_imbalance", "vit_pixel_bytes", "vit_token_bytes",
+    "load_decoded_bytes", "load_decoded_bytes_max", "load_sent_bytes", "load_sent_bytes_max",
+)  # fmt: skip
 PERIODIC_PER_SKILL = 16  # held-out questions per skill in the periodic evaluation (~2 s on a CPU)
 
 
@@ -129,6 +135,7 @@ class Run:
             stages = scale_to(get_recipe(cfg.recipe), self.model_cfg)
             self.stages = apply_overrides(with_steps(stages, cfg.steps, cfg.tokens), cfg.overrides)
             self.encode = encode_config(self.model_cfg, cfg.max_pixels)
+            self.balance_rule, self.balance_group = self._balance_layout()
             keys = dict.fromkeys(s.data or cfg.data for s in self.stages)
             self.streams = {key: self._stream(key) for key in keys}
             self.streams[self.stages[0].data or cfg.data].warm(0)  # a fresh run's first window
@@ -142,7 +149,6 @@ class Run:
             self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
             self.flops = FlopCounter(self.model_cfg)
             self.vit_cost = CostModel.from_config(self.model_cfg)
-            self.balance_rule, self.balance_group = self._balance_layout()
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
             raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
 
@@ -176,8 +182,10 @@ class Run:
             self.model, self.meshes, param_dtype=self.compute_dtype,
             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
         )  # fmt: skip
+        # The balancing group is also the loading group: it decodes each window once, and the
+        # balancer moves the pixels (fill, when balancing is off) from where they were decoded.
         self.balancer: parallel.VisionBalancer | None = None
-        if self.balance_rule != "off":
+        if self.balance_rule != "off" or self.balance_group > 1:
             self.balancer = parallel.VisionBalancer(
                 self.balance_rule, self.balance_group, self.vit_cost,
                 cp=self.dims.cp, timeout_s=cfg.pg_timeout,
@@ -197,10 +205,14 @@ class Run:
         return rule, check_group(group, world, self.dims.cp)
 
     def _stream(self, key: str) -> BatchStream:
+        """The stream of data ``key``; under torchrun this rank decodes its share of each window
+        for its loading group (the balancing group)."""
         source = _source(key, self.cfg.seed, self.skips)
+        group = self.balance_group
         return BatchStream(
-            source, self.tok, seed=self.cfg.seed, window=self.cfg.window, encode=self.encode, skips=self.skips
-        )
+            source, self.tok, seed=self.cfg.seed, window=self.cfg.window, encode=self.encode,
+            skips=self.skips, loading=Loading(self.rank % group, group, group // self.dims.cp),
+        )  # fmt: skip
 
     def _batches(self, stage: Stage, key: str) -> Prefetcher:
         """This rank's micro-batches of ``stage`` from the saved position: every dp-th one, and under
@@ -208,11 +220,15 @@ class Run:
         start = Position(*self.state["positions"][key])
         dp_rank, cp_rank = (self.meshes.dp_rank, self.meshes.cp_rank) if self.meshes else (0, 0)
         it = self.streams[key].batches(
-            start, stage.seq_len, min_level=stage.min_level, rank=dp_rank, ranks=self.dims.dp
-        )
+            start, stage.seq_len, min_level=stage.min_level, rank=dp_rank, ranks=self.dims.dp,
+            group=self.balancer.host_group if self.balancer else None,
+        )  # fmt: skip
         if self.dims.cp > 1:
             cp, image_id = self.dims.cp, self.model_cfg.image_token_id
-            it = ((parallel.shard_batch(b, cp, cp_rank, image_id), pos) for b, pos in it)
+            it = (
+                x if isinstance(x, Gather) else (parallel.shard_batch(x[0], cp, cp_rank, image_id), x[1])
+                for x in it
+            )
         return Prefetcher(it, depth=self.cfg.prefetch, pin=self.device.type == "cuda")
 
     def _resume(self, path: Path | None) -> None:
@@ -318,7 +334,7 @@ class Run:
         wait = time.time() - t0
         lr = self.optimizer.param_groups[0]["lr"]
         batches_ = [b for b, _ in micro]
-        if self.balancer is not None:
+        if self.balance_rule != "off":
             batches_ = self.balancer.balance(batches_)
         counts, sums = self.forward_backward(stage, batches_)
         targets = max(1, counts["targets"])
@@ -349,7 +365,7 @@ class Run:
             "tokens": counts["tokens"], "rank_tokens": counts["rank_tokens"], "targets": targets,
             "model_flops": counts["flops"],
             "docs": counts["docs"], "images": counts["images"], "data_wait_s": round(wait, 4),
-            **{k: counts[k] for k in ("vit_imbalance", "vit_pixel_bytes", "vit_token_bytes") if k in counts},
+            **{k: counts[k] for k in _DIST_KEYS if k in counts},
         }  # fmt: skip
 
     def forward_backward(
@@ -358,6 +374,8 @@ class Run:
         """Accumulate the gradients of this rank's micro-batches of one step (balanced ones carry
         the images this rank encodes and their tokens' route); returns the step's global counts
         and this rank's (CE, balance, z) sums."""
+        if any(isinstance(b, PartialBatch) for b in micro):
+            micro = self.balancer.fill(micro)  # pixels decoded elsewhere in the loading group
         counts = self._global_counts(micro)
         targets = max(1, counts["targets"])
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CE, balance, z
@@ -400,10 +418,12 @@ class Run:
             sum(b.num_images for b in micro) if first_of_group else 0,  # the micro-batches' own
             sum(b.pixel_bytes for b in balanced),
             sum(b.token_rows for b in balanced) * self.model_cfg.llm.hidden * itemsize,
+            *((self.balancer.last.decoded_bytes, self.balancer.last.sent_bytes) if self.balancer else (0, 0)),
         ]
         vit = [int(self.vit_cost.flops(b.vit_cu_seqlens.diff().numpy()).sum()) for b in batches]
         rank_tokens = sum(b.num_tokens for b in batches)
-        names = ("flops", "targets", "tokens", "docs", "images", "vit_pixel_bytes", "vit_token_bytes")
+        names = ("flops", "targets", "tokens", "docs", "images", "vit_pixel_bytes", "vit_token_bytes",
+                 "load_decoded_bytes", "load_sent_bytes")  # fmt: skip
         if not self.distributed:
             return dict(zip(names[:5], local[:5], strict=True), rank_tokens=rank_tokens)
         t = torch.tensor(local + vit, dtype=torch.int64, device=self.device)
@@ -411,6 +431,8 @@ class Run:
         dist.all_gather_into_tensor(every, t)
         every = every.view(dist.get_world_size(), -1).cpu()
         out = dict(zip(names, every[:, : len(names)].sum(0).tolist(), strict=True), rank_tokens=rank_tokens)
+        for k in (len(names) - 2, len(names) - 1):  # the busiest rank's share of the loading work
+            out[names[k] + "_max"] = int(every[:, k].max())
         vit_all = every[:, len(names) :].double()
         mean = vit_all.mean(0).sum().item()
         out["vit_imbalance"] = round(vit_all.max(0).values.sum().item() / mean, 4) if mean > 0 else 1.0
