@@ -204,7 +204,6 @@ class BatchStream:
         self.encode = encode if encode is not None else EncodeConfig()
         self.skips = skips if skips is not None else SkipLog()
         self.loading = loading if loading is not None else Loading()
-        self.decoded_bytes = 0  # pixel bytes (fp32 patches) this rank has decoded, all windows
         self._perm: tuple[int, np.ndarray] | None = None
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="encode-ahead")
         self._encoded: dict[int, Future] = {}  # window -> its encoded samples: the current and the next
@@ -262,7 +261,6 @@ class BatchStream:
                 self.skips.skip(*skip)
                 out.append((o, index, skip))
                 continue
-            self.decoded_bytes += sum(int(im.patches.nbytes) for im in sample.images)
             out.append((o, index, sample))
         return out
 
