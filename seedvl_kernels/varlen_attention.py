@@ -53,9 +53,10 @@ is saved; the backward recomputes S.
 Cost, with N = sum_b Lq*Lk visible (query, key) pairs (N = sum_b Lq*Lk non-causal, about half
 of that causal): forward 4*N*Hq*D FLOPs (two matmuls), backward 10*N*Hq*D (S recomputed, then
 dV, dP, dQ, dK). A fused kernel moves (2*T*Hq + 2*Tk*Hkv)*D*itemsize + 4*Hq*T bytes forward and
-about twice that backward. The reference here is not that kernel: it materialises S and P of a
-whole sequence (Hq*Lq*Lk elements) and moves cu_seqlens to the host (``.tolist()``) to loop over
-sequences, a device sync that only the reference may do. Implementations: ``ref`` and
+about twice that backward. The reference here is not that kernel: it materialises S and P of
+whole sequences (Hq*Lq*Lk elements each), batching sequences of similar lengths left-padded to a
+common length, and moves cu_seqlens to the host (``.tolist()``) to form those batches, a device
+sync that only the reference may do. Implementations: ``ref`` and
 ``triton`` (:mod:`seedvl_kernels.varlen_attention_triton`: schedule, tiles, RoPE fusion, traffic).
 """
 
