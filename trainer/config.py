@@ -64,7 +64,10 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = True
     prefetch: int = 2
-    parallel: str | None = None  # "dp=D,cp=C,ep=E" under torchrun; None: dp = the world size
+    parallel: str | None = None  # "pp=P,dp=D,cp=C,ep=E" under torchrun; None: dp = the world size
+    pp_schedule: str = "interleaved1f1b"  # torch.distributed.pipelining schedule (trainer.parallel.pipeline)
+    pp_virtual: int | None = None  # stages per pipeline rank; default 2 for looped schedules if layers allow
+    pp_layers: str | None = None  # decoder layers of each stage, "a,b,..."; default as even as possible
     mixed_precision: str = "auto"  # "auto" (bf16 on GPUs under FSDP, else fp32), "bf16", "fp32"
     pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
     activation_checkpointing: str = "none"  # "none", "selective" or "full" per ViT block / decoder layer
@@ -100,6 +103,8 @@ def validate(cfg: RunConfig) -> None:
         raise SetupError(
             f"--vit-balance: expected auto, off, flops, patches or patches2, got {cfg.vit_balance!r}"
         )
+    if cfg.pp_virtual is not None and cfg.pp_virtual < 1:
+        raise SetupError(f"--pp-virtual: expected an integer >= 1, got {cfg.pp_virtual}")
     if cfg.vit_balance_group is not None and cfg.vit_balance_group < 1:
         raise SetupError(f"--vit-balance-group: expected an integer >= 1, got {cfg.vit_balance_group}")
     if cfg.mixed_precision not in ("auto", "bf16", "fp32"):

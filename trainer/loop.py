@@ -32,6 +32,12 @@ torchrun) the step's images are first spread over the ranks by their ViT FLOPs
 that moved. The balancing group is also the loading group (trainer.data.stream): its ranks decode a
 window once between them, and each image's pixels go from the rank that decoded it to the ranks
 that encode it; the record counts the pixel bytes decoded and sent (all ranks, and the busiest).
+
+With ``pp`` > 1 (``--parallel pp=P,...``, ``--pp-schedule``, ``--pp-virtual``, ``--pp-layers``) the
+LLM's layers run as pipeline stages (trainer.parallel.pipeline): every pp rank of a dp/cp place
+takes the same micro-batches, encodes a share of their images, and the step's micro-batches go
+through the schedule together; only the first pp rank counts them in the step's totals. Vision
+balancing across dp ranks is off under a pipeline (the pp ranks share the images instead).
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ class Run:
                 moe=any(llm.is_moe_layer(i) for i in range(llm.num_layers)),
                 accums={s.name: s.accum for s in self.stages},
             )
+            self.pipeline_plan = self._pipeline_plan()
             self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
             self.flops = FlopCounter(self.model_cfg)
             self.vit_cost = CostModel.from_config(self.model_cfg)
@@ -178,10 +185,17 @@ class Run:
             self.meshes = self.dims.build(self.device.type)
             if cfg.async_save:  # background checkpoint collectives on a group of their own
                 self._ckpt_group = dist.new_group(backend="gloo")
-        parallel.parallelize(
+        self.pp_stages = parallel.parallelize(
             self.model, self.meshes, param_dtype=self.compute_dtype,
             activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+            pipeline=self.pipeline_plan,
         )  # fmt: skip
+        self.pipeline: parallel.Pipeline | None = None
+        if self.pipeline_plan is not None:
+            self.pipeline = parallel.Pipeline(
+                self.model, self.pp_stages, self.pipeline_plan, self.meshes,
+                device=self.device, compute_dtype=self.compute_dtype,
+            )  # fmt: skip
         # The balancing group is also the loading group: it decodes each window once, and the
         # balancer moves the pixels (fill, when balancing is off) from where they were decoded.
         self.balancer: parallel.VisionBalancer | None = None
@@ -190,15 +204,42 @@ class Run:
                 self.balance_rule, self.balance_group, self.vit_cost,
                 cp=self.dims.cp, timeout_s=cfg.pg_timeout,
             )  # fmt: skip
-        self.foreach = False if self.dims.ep > 1 else None
+        # Parameters on more than one mesh (experts; the ViT and a pipeline stage) cannot share a
+        # multi-tensor kernel.
+        self.foreach = False if self.dims.ep > 1 or self.dims.pp > 1 else None
         if cfg.resume:
             self._resume(resume_from)
 
+    def _pipeline_plan(self) -> parallel.PipelinePlan | None:
+        """The pipeline's stages with pp > 1 (None without); LayoutError for a layout the model or
+        the options cannot run."""
+        if self.dims.pp == 1:
+            return None
+        llm, cfg = self.model_cfg.llm, self.cfg
+        if llm.tie_embeddings:
+            raise parallel.LayoutError(
+                f"--parallel {self.dims}: a pipeline cannot split an LLM whose embedding and head share "
+                "their weights (tie_embeddings) over two stages"
+            )
+        virtual = cfg.pp_virtual
+        if virtual is None:
+            single = cfg.pp_schedule.lower() in ("1f1b", "gpipe")
+            virtual = 1 if single or llm.num_layers < 2 * self.dims.pp else 2
+        return parallel.plan_pipeline(llm.num_layers, self.dims.pp, virtual, cfg.pp_schedule, cfg.pp_layers)
+
     def _balance_layout(self) -> tuple[str, int]:
         """(rule, group size) of vision workload balancing: off in a single process; under
-        torchrun ``--vit-balance`` (auto: flops) in groups of ``--vit-balance-group`` ranks."""
+        torchrun ``--vit-balance`` (auto: flops) in groups of ``--vit-balance-group`` ranks. Under a
+        pipeline it is off (the pp ranks share the images), in groups of cp for the loading."""
         if not self.distributed:
             return "off", 1
+        if self.dims.pp > 1:
+            if self.cfg.vit_balance not in ("auto", "off"):
+                raise parallel.LayoutError(
+                    f"--vit-balance {self.cfg.vit_balance} with pp > 1: vision balancing across dp ranks "
+                    "is not composed with pipeline stages; the pp ranks share each step's images"
+                )
+            return "off", self.dims.cp
         rule = "flops" if self.cfg.vit_balance == "auto" else self.cfg.vit_balance
         world = dist.get_world_size()
         group = self.cfg.vit_balance_group or default_group(world, self.dims.cp)
@@ -279,6 +320,8 @@ class Run:
         set_trainable(self.model, stage.trainable)
         if self.distributed:
             parallel.refresh_trainable(self.model)
+            for module in self.pp_stages:
+                parallel.refresh_trainable(module)
 
     def _init_llm_from_hf(self, path: Path) -> None:
         from model.hf import from_hf_state_dict, open_checkpoint
@@ -340,7 +383,10 @@ class Run:
         targets = max(1, counts["targets"])
         with nvtx_range("optimizer"):
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = parallel.clip_grad_norm_(params, stage.grad_clip)
+            if self.pipeline is not None:
+                grad_norm = parallel.pipeline.clip_grad_norm_(params, stage.grad_clip, self.meshes)
+            else:
+                grad_norm = parallel.clip_grad_norm_(params, stage.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -378,6 +424,14 @@ class Run:
             micro = self.balancer.fill(micro)  # pixels decoded elsewhere in the loading group
         counts = self._global_counts(micro)
         targets = max(1, counts["targets"])
+        if self.pipeline is not None:
+            costs = [float(self.vit_cost.flops(b.vit_cu_seqlens.diff().numpy()).sum()) for b in micro]
+            with nvtx_range("forward_backward"):
+                sums = self.pipeline.step(
+                    [b.to(self.device, non_blocking=True) for b in micro],
+                    targets=targets, accum=stage.accum, budget=stage.seq_len, costs=costs,
+                )  # fmt: skip
+            return counts, sums
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # CE, balance, z
         for item in micro:
             item = item.to(self.device, non_blocking=True)
@@ -421,6 +475,8 @@ class Run:
             *((self.balancer.last.decoded_bytes, self.balancer.last.sent_bytes) if self.balancer else (0, 0)),
         ]
         vit = [int(self.vit_cost.flops(b.vit_cu_seqlens.diff().numpy()).sum()) for b in batches]
+        if self.meshes is not None and self.meshes.pp_rank > 0:  # the first pp rank counts the batches
+            local, vit = [0] * len(local), [0] * len(vit)
         rank_tokens = sum(b.num_tokens for b in batches)
         names = ("flops", "targets", "tokens", "docs", "images", "vit_pixel_bytes", "vit_token_bytes",
                  "load_decoded_bytes", "load_sent_bytes")  # fmt: skip
@@ -597,8 +653,11 @@ class Run:
         so evaluation runs on rank 0 alone without collectives. None on other ranks."""
         if not self.distributed:
             return self.model
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(self.model, options=options)
+        if self.pipeline is not None:
+            full = parallel.pipeline.full_state_dict(self.model, self.meshes)
+        else:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.model, options=options)
         if self.rank != 0:
             return None
         model = SeedVLM(self.model_cfg)

@@ -5,6 +5,7 @@
     python trainer/run.py --steps 2000 --set stage1.lr_max=2e-3 --set '*.seq_len=2048'
     python trainer/run.py --out runs/x --resume  # continue the last checkpoint of runs/x
     torchrun --nproc-per-node=4 trainer/run.py --parallel dp=2,cp=2,ep=4   # hybrid parallel
+    torchrun --nproc-per-node=4 trainer/run.py --parallel pp=2,dp=2,ep=2   # with pipeline stages
 
 Writes <out>/log.jsonl, <out>/train.log, <out>/tensorboard/, <out>/checkpoints/, <out>/loss.png
 and <out>/summary.json. See trainer/recipes.py for the stages and trainer/loop.py for the loop.
@@ -92,9 +93,18 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--profile-steps", type=_steps_range, metavar="A:B", help="profile steps A..B (as in the log)")
     add("--profiler", choices=("torch", "nsys"), default="torch",
         help="torch (default): a trace file; nsys: only cudaProfilerStart/Stop around the steps")
-    add("--parallel", metavar="dp=D,cp=C,ep=E",
-        help="layout under torchrun: dp x cp = number of processes, ep divides dp x cp, a missing "
+    add("--parallel", metavar="pp=P,dp=D,cp=C,ep=E",
+        help="layout under torchrun: pp x dp x cp = number of processes, ep divides dp x cp, a missing "
         "dimension is 1 (default: dp = number of processes); see trainer/parallel")
+    add("--pp-schedule", default="interleaved1f1b",
+        help="pipeline schedule with pp > 1: interleaved1f1b (default), 1f1b, gpipe, loopedbfs, "
+        "interleavedzerobubble, zbvzerobubble; see trainer/parallel/pipeline.py")
+    add("--pp-virtual", type=int, metavar="V",
+        help="pipeline stages per pipeline rank (default: 2 for the looped schedules when the LLM "
+        "has 2 x pp layers or more, else 1)")
+    add("--pp-layers", metavar="L0,L1,...",
+        help="decoder layers of each of the pp x V stages, e.g. 1,2,2,1 for lighter first and last "
+        "stages (embedding, head); default as even as possible")
     add("--mixed-precision", choices=("auto", "bf16", "fp32"), default="auto",
         help="bf16 compute with fp32 master weights (a single process: autocast; torchrun: FSDP's "
         "bf16 gathers and fp32 gradient reduction); auto (default): bf16 on GPUs, fp32 on CPUs")
@@ -128,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         max_pixels=a.max_pixels, eval_samples=a.eval_samples, eval_every=a.eval_every,
         profile_steps=a.profile_steps,
         profiler=a.profiler, progress=a.progress, tensorboard=a.tensorboard, parallel=a.parallel,
+        pp_schedule=a.pp_schedule, pp_virtual=a.pp_virtual, pp_layers=a.pp_layers,
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
         activation_checkpointing=a.activation_checkpointing, compile=a.compile, async_save=a.async_save,
         vit_balance=a.vit_balance, vit_balance_group=a.vit_balance_group,

@@ -15,6 +15,19 @@ Meshes (``torch.distributed.device_mesh``):
     world    ("dp_cp",)             the flattened mesh every dense parameter is sharded over (ZeRO-3)
     experts  ("edp", "ep")          world viewed as (dp*cp/ep, ep): expert weights Shard(0) over "ep",
                                     ZeRO over "edp" (the ranks that hold the same experts)
+
+Pipeline parallelism (``pp`` > 1, trainer.parallel.pipeline) adds an outermost dimension:
+
+    world = pp x dp x cp            pp: the LLM's decoder layers split into pp x V stages; the ViT
+                                        and the adapter stay outside the pipeline, ZeRO over all ranks
+    rank = pp_rank * dp * cp + dp_rank * cp + cp_rank
+
+    mesh     ("pp", "dp", "cp")     pp groups (the ranks of one dp/cp place, one per pipeline rank)
+    world    ("world",)             every rank: the ViT and the adapter
+    stage    ("dp_cp",)             this pipeline rank's dp x cp ranks: its LLM layers (ZeRO-3)
+    experts  ("pp", "edp", "ep")    each pipeline rank's dp x cp ranks viewed as (dp*cp/ep, ep)
+
+With pp = 1, ``stage`` is ``world``.
 """
 
 from __future__ import annotations
@@ -34,23 +47,20 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelDims:
+    pp: int = 1
     dp: int = 1
     cp: int = 1
     ep: int = 1
 
     @classmethod
     def parse(cls, text: str | None) -> ParallelDims:
-        """``"dp=2,cp=2,ep=4"``; a missing dimension is 1; None or "" is the single-process layout."""
+        """``"pp=2,dp=2,cp=2,ep=4"``; a missing dimension is 1; None or "" is the single-process layout."""
         values: dict[str, int] = {}
         names = [f.name for f in fields(cls)]
         for item in (text or "").replace(" ", "").split(","):
             if not item:
                 continue
             key, sep, value = item.partition("=")
-            if key == "pp":
-                raise LayoutError(
-                    "--parallel pp: pipeline parallelism is not available yet; use dp, cp and ep"
-                )
             if not sep or key not in names:
                 raise LayoutError(f"--parallel {item!r}: expected NAME=N with NAME one of {', '.join(names)}")
             if key in values:
@@ -61,10 +71,18 @@ class ParallelDims:
         return cls(**values)
 
     def __str__(self) -> str:
-        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        # pp is named only when used, so the messages of layouts without a pipeline stay as they were.
+        return ",".join(
+            f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "pp" or self.pp > 1
+        )
 
     @property
     def world_size(self) -> int:
+        return self.pp * self.dp * self.cp
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks of one pipeline rank (dp x cp): the ranks its LLM layers are sharded over."""
         return self.dp * self.cp
 
     @property
@@ -74,13 +92,14 @@ class ParallelDims:
     def validate(self, world_size: int, *, num_experts: int, moe: bool, accums: dict[str, int]) -> None:
         """Refuse, before any work, a layout that does not fit the world, the model or the recipe."""
         if self.world_size != world_size:
+            product = "pp x dp x cp" if self.pp > 1 else "dp x cp"
             raise LayoutError(
-                f"--parallel {self}: dp x cp = {self.world_size} must equal the number of processes, "
+                f"--parallel {self}: {product} = {self.world_size} must equal the number of processes, "
                 f"{world_size} (torchrun --nnodes x --nproc-per-node)"
             )
-        if self.world_size % self.ep:
+        if self.stage_size % self.ep:
             raise LayoutError(
-                f"--parallel {self}: ep = {self.ep} must divide dp x cp = {self.world_size} "
+                f"--parallel {self}: ep = {self.ep} must divide dp x cp = {self.stage_size} "
                 "(expert-parallel ranks are drawn from the data- and context-parallel ranks)"
             )
         if self.ep > 1 and not moe:
@@ -99,21 +118,39 @@ class ParallelDims:
                 )
 
     def build(self, device_type: str) -> Meshes:
-        mesh = init_device_mesh(device_type, (self.dp, self.cp), mesh_dim_names=("dp", "cp"))
-        world = mesh["dp", "cp"]._flatten("dp_cp")
+        if self.pp == 1:
+            mesh = init_device_mesh(device_type, (self.dp, self.cp), mesh_dim_names=("dp", "cp"))
+            world = mesh["dp", "cp"]._flatten("dp_cp")
+            experts = None
+            if self.ep > 1:
+                ranks = torch.arange(self.world_size).view(self.world_size // self.ep, self.ep)
+                experts = DeviceMesh(device_type, ranks, mesh_dim_names=("edp", "ep"))
+            return Meshes(self, mesh, world, experts, world)
+        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp), mesh_dim_names=("pp", "dp", "cp"))
+        world = mesh["pp", "dp", "cp"]._flatten("world")
+        stage = mesh["dp", "cp"]._flatten("dp_cp")
         experts = None
         if self.ep > 1:
-            ranks = torch.arange(self.world_size).view(self.world_size // self.ep, self.ep)
-            experts = DeviceMesh(device_type, ranks, mesh_dim_names=("edp", "ep"))
-        return Meshes(self, mesh, world, experts)
+            ranks = torch.arange(self.world_size).view(self.pp, self.stage_size // self.ep, self.ep)
+            experts = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "edp", "ep"))
+        return Meshes(self, mesh, world, experts, stage)
 
 
 @dataclass(frozen=True)
 class Meshes:
     dims: ParallelDims
-    mesh: DeviceMesh  # ("dp", "cp")
-    world: DeviceMesh  # ("dp_cp",)
-    experts: DeviceMesh | None  # ("edp", "ep"), when ep > 1
+    mesh: DeviceMesh  # ("dp", "cp"), or ("pp", "dp", "cp") when pp > 1
+    world: DeviceMesh  # ("dp_cp",), or ("world",) when pp > 1
+    experts: DeviceMesh | None  # ("edp", "ep"), or ("pp", "edp", "ep") when pp > 1; when ep > 1
+    stage: DeviceMesh  # ("dp_cp",): this pipeline rank's dp x cp ranks (world when pp = 1)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp") if self.dims.pp > 1 else 0
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group("pp") if self.dims.pp > 1 else None
 
     @property
     def dp_rank(self) -> int:
