@@ -57,11 +57,14 @@ class SampleError(ValueError):
 @dataclass(frozen=True)
 class Media:
     """An image ((H, W, 3) uint8 pixels or an image file) or a video ((N, H, W, 3) uint8 frames, a
-    .npy/.npz file of them, or a directory of frame images) at ``fps`` source frames per second."""
+    .npy/.npz file of them, or a directory of frame images) at ``fps`` source frames per second.
+    A video's ``task`` picks its sampling rate (model.preprocess.VIDEO_FPS: 1 FPS "default", 2
+    "temporal", 5 "counting" and "motion")."""
 
     kind: str  # "image" | "video"
     source: str | Path | np.ndarray
     fps: float = 1.0
+    task: str = "default"
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def _encode_media(media: Media, b: _Builder, images: list[ImagePatches], cfg: En
     elif media.kind == "video":
         frames = load_video(media.source)
         try:
-            video = preprocess_video(frames, media.fps, max_tokens=cfg.video_max_tokens)
+            video = preprocess_video(frames, media.fps, task=media.task, max_tokens=cfg.video_max_tokens)
         except ValueError as err:
             raise SampleError(f"video: {err}", "corrupt media") from None
         for frame, stamp in zip(video.frames, video.timestamp_texts, strict=True):
