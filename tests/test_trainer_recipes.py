@@ -95,6 +95,15 @@ def test_steps_tokens_and_overrides():
     ]:
         with pytest.raises(ValueError, match=msg):
             apply_overrides(stages, [bad])
+    # Related fields are checked together, whatever their order: a new range below the old one.
+    low = ["stage0.lr_max=1e-6", "stage0.lr_min=1e-7"]
+    for order in (low, low[::-1]):
+        assert (apply_overrides(stages, order)[0].lr_min, apply_overrides(stages, order)[0].lr_max) == (
+            1e-7,
+            1e-6,
+        )
+    with pytest.raises(ValueError, match="lr_min <= lr_max"):
+        apply_overrides(stages, ["stage0.lr_max=1e-7", "stage0.lr_min=1e-6"])
 
 
 def test_param_groups_exclude_biases_and_norms():

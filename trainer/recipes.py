@@ -190,6 +190,7 @@ def apply_overrides(stages: tuple[Stage, ...], overrides: list[str]) -> tuple[St
     ``*.seq_len=2048``, ``sft.trainable=adapter,llm``."""
     stages = list(stages)
     types = {f.name: f.type for f in dataclasses.fields(Stage)}
+    changes: list[dict[str, object]] = [{} for _ in stages]
     for item in overrides:
         key, sep, value = item.partition("=")
         target, dot, field = key.partition(".")
@@ -210,8 +211,9 @@ def apply_overrides(stages: tuple[Stage, ...], overrides: list[str]) -> tuple[St
             )
             raise ValueError(f"override {item!r}: {field} expects {kind}, got {value!r}") from err
         for i in hits:
-            stages[i] = replace(stages[i], **{field: parsed})
-    return tuple(stages)
+            changes[i][field] = parsed
+    # One replace per stage, so that related fields (lr_min and lr_max) are checked together.
+    return tuple(replace(s, **changes[i]) if changes[i] else s for i, s in enumerate(stages))
 
 
 def _parse(field: str, typ: object, value: str) -> object:
