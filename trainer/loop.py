@@ -225,7 +225,10 @@ class Run:
         if virtual is None:
             single = cfg.pp_schedule.lower() in ("1f1b", "gpipe")
             virtual = 1 if single or llm.num_layers < 2 * self.dims.pp else 2
-        return parallel.plan_pipeline(llm.num_layers, self.dims.pp, virtual, cfg.pp_schedule, cfg.pp_layers)
+        plan = parallel.plan_pipeline(llm.num_layers, self.dims.pp, virtual, cfg.pp_schedule, cfg.pp_layers)
+        for stage in self.stages:
+            parallel.pipeline.check_micro_batches(plan, stage.accum // self.dims.dp, f"stage {stage.name}")
+        return plan
 
     def _balance_layout(self) -> tuple[str, int]:
         """(rule, group size) of vision workload balancing: off in a single process; under

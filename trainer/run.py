@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="layout under torchrun: pp x dp x cp = number of processes, ep divides dp x cp, a missing "
         "dimension is 1 (default: dp = number of processes); see trainer/parallel")
     add("--pp-schedule", default="interleaved1f1b",
-        help="pipeline schedule with pp > 1: interleaved1f1b (default), 1f1b, gpipe, loopedbfs, "
-        "interleavedzerobubble, zbvzerobubble; see trainer/parallel/pipeline.py")
+        help="pipeline schedule with pp > 1: interleaved1f1b (default), 1f1b, gpipe, loopedbfs "
+        "(torch.distributed.pipelining); see trainer/parallel/pipeline.py")
     add("--pp-virtual", type=int, metavar="V",
         help="pipeline stages per pipeline rank (default: 2 for the looped schedules when the LLM "
         "has 2 x pp layers or more, else 1)")
