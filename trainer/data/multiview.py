@@ -7,7 +7,8 @@ from above). :func:`render_posed` ray-casts it with the same shapes (``render._h
 checkered ground as trainer.data.render -- the ground's tiles are fixed in the world, so they slide
 across the image as the camera moves -- and at the default pose it reproduces ``render`` exactly.
 :func:`render_many` renders several views or frames at once on a thread pool (the kernel releases
-the GIL), which is what keeps multi-view and video samples cheap (bench/bench_vst_data.py).
+the GIL) and renders repeated frames once, which is what keeps multi-view and video samples cheap
+(bench/bench_vst_data.py).
 
 Views orbit the scene: camera ``k`` stands 3.5-7.5 m from the centre of the objects and looks
 roughly at it, its azimuth 25-110 degrees from the previous camera's, so an object may be out of
@@ -160,11 +161,16 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def render_many(
     jobs: list[tuple[Camera, tuple[Object3D, ...]]], ss: int = 2, workers: int | None = None
 ) -> list[Scene]:
-    """:func:`render_posed` of every (camera, objects) job, in order, on ``workers`` threads."""
+    """:func:`render_posed` of every (camera, objects) job, in order, on ``workers`` threads. Equal
+    jobs are rendered once and share their Scene (a video's frames repeat wherever nothing moves)."""
     workers = render_workers() if workers is None else workers
-    if workers <= 1 or len(jobs) <= 1:
-        return [render_posed(cam, objs, ss) for cam, objs in jobs]
-    return list(_pool(workers).map(lambda job: render_posed(job[0], job[1], ss), jobs))
+    unique = list(dict.fromkeys(jobs))
+    if workers <= 1 or len(unique) <= 1:
+        scenes = [render_posed(cam, objs, ss) for cam, objs in unique]
+    else:
+        scenes = list(_pool(workers).map(lambda job: render_posed(job[0], job[1], ss), unique))
+    done = dict(zip(unique, scenes, strict=True))
+    return [done[job] for job in jobs]
 
 
 # ----------------------------------------------------------------------------- scenes
