@@ -7,7 +7,8 @@ the held-out loss, and a command line that evaluates any checkpoint.
 
 What is held out and how answers are scored and compared with a blind baseline: trainer.heldout.
 :class:`HeldOut` prepares a held-out set once (questions, baseline, packed batches for the loss) and
-evaluates a model on it; the training loop and this command line share it.
+evaluates a model on it; the training loop and this command line share it. ``--data vst`` holds out
+questions of every VST skill (single image, multi-view, video) instead: trainer.vst_eval.
 
 Answers are greedy (model.generate), batched by skill. Generation stops ``MARGIN`` tokens after the
 batch's longest reference answer: a longer reply cannot be right, and an untrained model that never
@@ -91,7 +92,13 @@ class EvalResult:
 class HeldOut:
     """A held-out set, prepared once: its questions, their blind baseline, and packed batches of the
     whole conversations for the loss (answer tokens are the targets). Samples whose media fail to
-    decode are dropped (counted in ``skipped``); over-long ones only leave the loss."""
+    decode are dropped (counted in ``skipped``); over-long ones only leave the loss. ``check``,
+    ``grade`` and ``score`` are the data's verifier, graded score and scoring (trainer.vst_eval
+    swaps in its own)."""
+
+    check = staticmethod(check_answer)
+    grade = staticmethod(graded_score)
+    score = staticmethod(score_records)
 
     def __init__(
         self, name: str, items: Iterable[tuple[Conversation, Question | None]], baseline: Baseline,
@@ -183,14 +190,14 @@ class HeldOut:
         records = []
         for q, out in zip(questions, outs, strict=True):
             text = decode_reply(self.tok, out.tolist())
-            ok, score = check_answer(q.kind, text, q.truth), graded_score(q.kind, text, q.truth)
+            ok, score = self.check(q.kind, text, q.truth), self.grade(q.kind, text, q.truth)
             records.append(EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id))
         return records
 
     def evaluate(self, model: SeedVLM, device: torch.device, **answer_kwargs) -> EvalResult:
         """Held-out loss, answers and their scores."""
         records = self.answer(model, device, **answer_kwargs)
-        return EvalResult(self.loss(model, device), score_records(records, self.baseline), records)
+        return EvalResult(self.loss(model, device), self.score(records, self.baseline), records)
 
 
 def packed_images(images: list, device: torch.device) -> PackedImages | None:
@@ -327,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     add("checkpoint", type=Path,
         help="a run directory (its latest checkpoint) or a checkpoints/step_* directory")
     add("--data", default="spatial",
-        help="'spatial' (held-out procedural scenes, default) or a JSONL manifest (its held-out split)")
+        help="'spatial' (held-out procedural scenes, default), 'vst' (every VST skill: single image, "
+        "multi-view, video) or a JSONL manifest (its held-out split)")
     add("--num", type=int, default=50,
         help="questions per skill (spatial), or at most this many held-out samples (manifest); default 50")
     add("--fraction", type=float, default=0.05, help="a manifest's held-out fraction (0.05)")
@@ -347,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         budget = max((s["seq_len"] for s in run.get("stages", ())), default=4096)
         if a.data == "spatial":
             heldout = HeldOut.spatial(
+                loaded.tok, loaded.encode, seed=run.get("seed", 0), per_skill=a.num, budget=budget
+            )
+        elif a.data == "vst":
+            from .vst_eval import VSTHeldOut
+
+            heldout = VSTHeldOut.vst(
                 loaded.tok, loaded.encode, seed=run.get("seed", 0), per_skill=a.num, budget=budget
             )
         else:
