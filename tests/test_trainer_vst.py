@@ -244,6 +244,10 @@ def test_dataset_is_deterministic_and_mixes_as_stated():
         )
         assert vst.reward(x.meta, x.turns[1].parts[0]) == 1.0
         assert x.meta["think"] == x.turns[1].parts[0].startswith(THINK)
+    ahead = vst.VSTDataset(3, cfg, prefetch=2)
+    for i in (0, 2, 4, 1):  # strided reads, then a jump back
+        assert ahead[i].meta == a[i].meta and ahead[i].turns[1] == a[i].turns[1]
+    ahead.close()
     mix = cfg.mix()
     assert sum(mix.values()) == pytest.approx(1.0)
     for scenario, weight in vst.DEFAULT_SCENARIOS:

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,16 +260,25 @@ def generate(skill: str, rng: np.random.Generator, cfg: VSTConfig = VSTConfig())
 
 
 class VSTDataset:
-    """Infinite, deterministic stream of VST conversations: ``ds[i]`` depends only on (seed, i)."""
+    """Infinite, deterministic stream of VST conversations: ``ds[i]`` depends only on (seed, i).
+
+    With ``prefetch`` = P > 0, reading sample i starts building the next P samples the reader will
+    ask for (i + s, i + 2s, ..., s the stride of its last two reads: a rank of a loading group reads
+    every G-th) on P threads, so rendering runs on P cores while the reader encodes; the samples are
+    the same either way."""
 
     num_samples = None  # unbounded
 
-    def __init__(self, seed: int = 0, cfg: VSTConfig = VSTConfig()) -> None:
-        self.seed, self.cfg = seed, cfg
+    def __init__(self, seed: int = 0, cfg: VSTConfig = VSTConfig(), *, prefetch: int = 0) -> None:
+        self.seed, self.cfg, self.prefetch = seed, cfg, prefetch
         mix = cfg.mix()
         self._skills = list(mix)
         self._p = np.asarray(list(mix.values()), dtype=np.float64)
         self._p /= self._p.sum()
+        self._ahead: dict[int, Future] = {}
+        self._last: int | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(prefetch, thread_name_prefix="vst-prefetch") if prefetch > 0 else None
 
     @property
     def name(self) -> str:
@@ -278,6 +289,28 @@ class VSTDataset:
         return str(np.random.default_rng([self.seed, index]).choice(self._skills, p=self._p))
 
     def sample(self, index: int) -> VSTSample:
+        if self._pool is None:
+            return self._build(index)
+        with self._lock:
+            gap = index - self._last if self._last is not None else 1
+            stride = gap if 0 < gap <= 64 else 1
+            self._last = index
+            future = self._ahead.pop(index, None)
+            wanted = [index + stride * k for k in range(1, self.prefetch + 1)]
+            for j in [j for j in self._ahead if j not in wanted]:
+                self._ahead.pop(j).cancel()
+            for j in wanted:
+                if j not in self._ahead:
+                    self._ahead[j] = self._pool.submit(self._build, j)
+        return future.result() if future is not None else self._build(index)
+
+    def close(self) -> None:
+        """Stop prefetching: drop the samples not started, wait for those being built."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, {}
+
+    def _build(self, index: int) -> VSTSample:
         rng = np.random.default_rng([self.seed, index])
         return generate(str(rng.choice(self._skills, p=self._p)), rng, self.cfg)
 
