@@ -1,7 +1,7 @@
 """Pipeline parallelism for the MoE LLM (report §5.1.1), through ``torch.distributed.pipelining``.
 
 The LLM's decoder layers are split into pp x V stages (V virtual stages per pipeline rank, placed
-round-robin, or in a V for the V-shaped schedules); the first stage holds the token embedding, the
+round-robin: stage s on pipeline rank s mod pp); the first stage holds the token embedding, the
 last the final norm and the LM head. A step's micro-batches are the trainer's own (``accum / dp``
 per dp replica), so a step's loss and gradients equal the single-process ones. The ViT and the
 adapter stay outside the pipeline, ZeRO over all ranks, as the report keeps them:
@@ -80,7 +80,6 @@ SCHEDULES = {
     "gpipe": ScheduleGPipe,
     "loopedbfs": ScheduleLoopedBFS,
 }
-V_SHAPED = ("zbvzerobubble", "dualpipev")  # placement of the V-shaped schedules (profiles only)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -100,8 +99,6 @@ class PipelinePlan:
         return self.pp * self.virtual
 
     def rank_of(self, stage: int) -> int:
-        if self.schedule in V_SHAPED:
-            return stage if stage < self.pp else self.num_stages - 1 - stage
         return stage % self.pp
 
     def stages_of(self, pp_rank: int) -> list[int]:
@@ -120,8 +117,6 @@ def plan_pipeline(num_layers: int, pp: int, virtual: int, schedule: str, layers:
     single = issubclass(SCHEDULES[name], PipelineScheduleSingle)
     if single and virtual != 1:
         raise LayoutError(f"--pp-schedule {name} runs one stage per rank: pass --pp-virtual 1, got {virtual}")
-    if name in V_SHAPED and virtual != 2:
-        raise LayoutError(f"--pp-schedule {name} places two stages per rank in a V: pass --pp-virtual 2")
     if virtual < 1:
         raise LayoutError(f"--pp-virtual: expected an integer >= 1, got {virtual}")
     n = pp * virtual
