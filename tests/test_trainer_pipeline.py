@@ -1,7 +1,7 @@
 """Pipeline parallelism in the trainer, on CPU with gloo: a pipeline trains like a single process.
 
 The runs go through all four stages of the tiny preset's recipe (stage0 -> 1 -> 2 -> SFT; ``--steps
-6`` gives 8 optimizer steps of 4 micro-batches each, token budgets 512 and 2048, the ViT frozen in
+6`` gives 8 optimizer steps of 4 micro-batches each, token budgets 512 and 1024, the ViT frozen in
 stage 0) with the LLM raised to 4 decoder layers (``seedvl-tiny-4l``, registered in each process
 here), so pp = 2 holds 2 x 2 virtual stages. Every step's loss, gradient norm and MoE balance
 losses must match the single-process run's to relative 1e-5 (fp32; the layouts differ only in the
@@ -33,6 +33,8 @@ pytestmark = pytest.mark.dist
 RTOL = 1e-5
 GRAD_RTOL = 1e-4
 PRESET = "seedvl-tiny-4l"
+# 4 micro-batches per step (2 per pipeline at dp=2); shorter stage 2 and SFT budgets keep CI quick.
+OVERRIDES = ["*.accum=4", "stage2.seq_len=1024", "sft.seq_len=1024"]
 LAYOUTS = {
     "pp=2": (2, {}),  # interleaved1f1b, 2 virtual stages per rank
     "pp=2,dp=2": (4, {"pp_schedule": "1f1b"}),
@@ -51,8 +53,8 @@ def _config(layout: str | None, out: Path, **options):
 
     return RunConfig(
         preset=PRESET, out=out, overwrite=not options.get("resume"), progress=False, tensorboard=False,
-        window=64, eval_samples=0, steps=6, overrides=["*.accum=4"], ckpt_every=3, keep=10,
-        parallel=layout, **options,
+        window=64, eval_samples=0, steps=6, overrides=OVERRIDES, ckpt_every=3, keep=10, parallel=layout,
+        **options,
     )  # fmt: skip
 
 
