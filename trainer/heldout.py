@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -177,10 +178,19 @@ def _with_numbers(template: str, values: Sequence[float]) -> str:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The blind answers (module docstring), fitted on (kind, question, answer) training examples."""
+    """The blind answers (module docstring), fitted on (kind, question, answer) training examples.
+
+    The skills it knows come from class attributes, so that another data source (trainer.vst_eval)
+    subclasses it with its own: ``chance`` (kinds scored by chance, and that chance), ``numeric``
+    (kinds whose blind answer is the mean of the numbers), ``verify`` and ``grade``."""
 
     by_question: dict[tuple[str, str], str]
     by_kind: dict[str, str]
+
+    chance: ClassVar[dict[str, float]] = CHANCE
+    numeric: ClassVar[Collection[str]] = GRADED
+    verify: ClassVar[Callable[[str, str, str], bool]] = staticmethod(check_answer)
+    grade: ClassVar[Callable[[str, str, str], float]] = staticmethod(graded_score)
 
     @classmethod
     def fit(cls, examples: Iterable[tuple[str, str, str]]) -> Baseline:
@@ -188,9 +198,9 @@ class Baseline:
         per_kind: dict[str, Counter] = defaultdict(Counter)
         numbers: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
         for kind, question, answer in examples:
-            if kind in GRADED:
+            if kind in cls.numeric:
                 numbers[kind].append((answer, _numbers(answer)))
-            elif kind not in CHANCE:
+            elif kind not in cls.chance:
                 per_question[(kind, question)][answer] += 1
                 per_kind[kind][answer] += 1
         by_kind = {k: c.most_common(1)[0][0] for k, c in per_kind.items()}
@@ -203,20 +213,20 @@ class Baseline:
         return cls(by_question, by_kind)
 
     def rule(self, kind: str) -> str:
-        if kind in CHANCE:
-            return f"chance 1/{round(1 / CHANCE[kind])}"
+        if kind in self.chance:
+            return f"chance 1/{round(1 / self.chance[kind])}"
         if kind not in self.by_kind:
             return "none (no training answers)"
-        return f"mean answer {self.by_kind[kind]}" if kind in GRADED else "majority answer"
+        return f"mean answer {self.by_kind[kind]}" if kind in self.numeric else "majority answer"
 
     def expected(self, kind: str, question: str, truth: str) -> tuple[float, float] | None:
         """(expected pass, expected graded score) of the blind answer; None when none was fitted."""
-        if kind in CHANCE:
-            return CHANCE[kind], CHANCE[kind]
+        if kind in self.chance:
+            return self.chance[kind], self.chance[kind]
         guess = self.by_question.get((kind, question), self.by_kind.get(kind))
         if guess is None:
             return None
-        return float(check_answer(kind, guess, truth)), graded_score(kind, guess, truth)
+        return float(self.verify(kind, guess, truth)), self.grade(kind, guess, truth)
 
 
 def score_records(records: Sequence[EvalRecord], baseline: Baseline) -> dict[str, dict]:

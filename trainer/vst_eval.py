@@ -20,9 +20,9 @@ then ``single/all``, ``multiview/all``, ``video/all`` and ``all``.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -34,10 +34,9 @@ from .heldout import CHANCE as SPATIAL_CHANCE
 from .heldout import (
     FIT_STREAM,
     HELD_OUT_SEED_OFFSET,
+    Baseline,
     EvalRecord,
     Question,
-    _numbers,
-    _with_numbers,
     score_records,
 )
 
@@ -68,48 +67,14 @@ def vst_questions(
     return out
 
 
-@dataclass(frozen=True)
-class VSTBaseline:
-    """The blind answers (module docstring), fitted on (kind, question, answer) training examples;
-    the interface of trainer.heldout.Baseline."""
+class VSTBaseline(Baseline):
+    """The blind answers (module docstring): trainer.heldout.Baseline with the VST skills' chance
+    rates, numeric skills and verifiers."""
 
-    by_question: dict[tuple[str, str], str]
-    by_kind: dict[str, str]
-
-    @classmethod
-    def fit(cls, examples: Iterable[tuple[str, str, str]]) -> VSTBaseline:
-        per_question: dict[tuple[str, str], Counter] = defaultdict(Counter)
-        per_kind: dict[str, Counter] = defaultdict(Counter)
-        numbers: dict[str, list[tuple[str, list[float]]]] = defaultdict(list)
-        for kind, question, answer in examples:
-            if kind in MEAN:
-                numbers[kind].append((answer, _numbers(answer)))
-            elif kind not in CHANCE:
-                per_question[(kind, question)][answer] += 1
-                per_kind[kind][answer] += 1
-        by_kind = {k: c.most_common(1)[0][0] for k, c in per_kind.items()}
-        for kind, rows in numbers.items():
-            template, first = rows[0]
-            alike = [v for _, v in rows if len(v) == len(first)]
-            if first:
-                by_kind[kind] = _with_numbers(template, np.mean(alike, axis=0).tolist())
-        return cls({k: c.most_common(1)[0][0] for k, c in per_question.items()}, by_kind)
-
-    def rule(self, kind: str) -> str:
-        if kind in CHANCE:
-            return f"chance 1/{round(1 / CHANCE[kind])}"
-        if kind not in self.by_kind:
-            return "none (no training answers)"
-        return f"mean answer {self.by_kind[kind]}" if kind in MEAN else "majority answer"
-
-    def expected(self, kind: str, question: str, truth: str) -> tuple[float, float] | None:
-        """(expected pass, expected graded score) of the blind answer; None when none was fitted."""
-        if kind in CHANCE:
-            return CHANCE[kind], CHANCE[kind]
-        guess = self.by_question.get((kind, question), self.by_kind.get(kind))
-        if guess is None:
-            return None
-        return float(vst.check_answer(kind, guess, truth)), vst.graded_score(kind, guess, truth)
+    chance: ClassVar[dict[str, float]] = CHANCE
+    numeric: ClassVar[Collection[str]] = MEAN
+    verify: ClassVar[Callable[[str, str, str], bool]] = staticmethod(vst.check_answer)
+    grade: ClassVar[Callable[[str, str, str], float]] = staticmethod(vst.graded_score)
 
 
 def score_vst(records: Sequence[EvalRecord], baseline: VSTBaseline) -> dict[str, dict]:
