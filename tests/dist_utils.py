@@ -7,9 +7,11 @@ and return results through files rather than spawning per case.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,3 +42,20 @@ def spawn(worker: Callable[..., None], world_size: int, *args: object) -> None:
     ``dist.destroy_process_group()`` last.
     """
     mp.spawn(worker, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    """The per-step records of a run's log.jsonl."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def assert_same_steps(expected: list[dict], actual: list[dict], what: str, rtol: float = 1e-5) -> None:
+    """Two runs logged the same steps: the same batches, and losses, gradient norm and MoE losses
+    within relative ``rtol``."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected], what
+    for e, a in zip(expected, actual, strict=True):
+        assert a["tokens"] == e["tokens"] and a["targets"] == e["targets"], f"{what}: step {e['step']} batch"
+        for key in ("loss", "grad_norm", "lb_loss", "z_loss"):
+            rel = abs(a[key] - e[key]) / abs(e[key])
+            assert rel <= rtol, f"{what}: step {e['step']} {key} {a[key]!r} vs {e[key]!r} (rel {rel:.1e})"

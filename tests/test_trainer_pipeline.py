@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from tests.dist_utils import spawn
+from tests.dist_utils import assert_same_steps, logged_steps, spawn
 
 pytestmark = pytest.mark.dist
 
-RTOL = 1e-5
+RTOL = 1e-5  # losses, gradient norm and MoE losses against the single-process run
 GRAD_RTOL = 1e-4
 PRESET = "seedvl-tiny-4l"
 # 4 micro-batches per step (2 per pipeline at dp=2); shorter stage 2 and SFT budgets keep CI quick.
@@ -107,20 +107,6 @@ def _worker(rank: int, world_size: int, port: int, layout: str | None, out: str,
     _train(layout, Path(out), options)
 
 
-def _steps(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def _assert_same_steps(expected: list[dict], actual: list[dict], what: str) -> None:
-    assert [r["step"] for r in actual] == [r["step"] for r in expected], what
-    for e, a in zip(expected, actual, strict=True):
-        assert a["tokens"] == e["tokens"] and a["targets"] == e["targets"], f"{what}: step {e['step']} batch"
-        for key in ("loss", "grad_norm", "lb_loss", "z_loss"):
-            rel = abs(a[key] - e[key]) / abs(e[key])
-            assert rel <= RTOL, f"{what}: step {e['step']} {key} {a[key]!r} vs {e[key]!r} (rel {rel:.1e})"
-
-
 def _assert_same_grads(expected: list[dict], actual: list[dict], what: str) -> None:
     assert len(actual) == len(expected), f"{what}: {len(actual)} optimizer steps, expected {len(expected)}"
     for step, (e, a) in enumerate(zip(expected, actual, strict=True), start=1):
@@ -152,9 +138,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_matches_single_process(runs, layout):
-    single = _steps(runs["single"])
+    single = logged_steps(runs["single"])
     assert len(single) == 8 and {r["stage"] for r in single} == {"stage0", "stage1", "stage2", "sft"}
-    _assert_same_steps(single, _steps(runs[layout]), f"--parallel {layout}")
+    assert_same_steps(single, logged_steps(runs[layout]), f"--parallel {layout}", rtol=RTOL)
     expected = torch.load(runs["single"] / "grads.pt")
     _assert_same_grads(expected, torch.load(runs[layout] / "grads.pt"), f"--parallel {layout}")
     assert any(n.startswith("vit.") for n in expected[1]), "the ViT trains in stage 1"
@@ -178,7 +164,9 @@ def test_pp2_checkpoint_resumes_at_pp1(runs, tmp_path):
     (out / "log.jsonl").write_text("\n".join(kept) + "\n")
     spawn(_worker, 1, None, str(out), {"resume": True})
     assert "resumed from" in (out / "train.log").read_text()
-    _assert_same_steps(_steps(runs["single"]), _steps(out), "saved at pp=2, resumed at pp=1")
+    assert_same_steps(
+        logged_steps(runs["single"]), logged_steps(out), "saved at pp=2, resumed at pp=1", rtol=RTOL
+    )
 
 
 # ----------------------------------------------------------------------------- the plan, no processes
