@@ -238,7 +238,7 @@ def triton_launches(hot: bool) -> list:
     todo += list(aot.moe_launches(bf16, ["qwen3-30b-a3b"] if hot else list(aot.MOE_PRESETS)))
     todo += list(aot.OPS["pool_adapter"](bf16, True)) + list(aot.OPS["rope_2d"](bf16, True))
     if not hot:
-        todo += list(aot.attention_aux_launches())
+        todo += list(aot.attention_aux_launches()) + list(aot.OPS["ring_attention"](bf16, True))
     if hot:
         todo = [launch for launch in todo if f"{launch.op}: {launch.label}" in HOT_TRITON]
     labels = [f"{launch.op}: {launch.label}" for launch in todo]

@@ -282,6 +282,19 @@ def _rope_2d(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
             )  # fmt: skip
 
 
+def _ring_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
+    """ring_attention's fused (out, lse) merge: fp32 partials whatever the inputs' dtype."""
+    from seedvl_kernels import ring_attention_triton as rat
+
+    for d in (128,) if quick else (64, 128):
+        consts = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_T=rat.block_t(d))
+        fp32 = {p: "*fp32" for p in ("out_ptr", "lse_ptr", "blk_out_ptr", "blk_lse_ptr")}
+        yield Launch(
+            "ring_attention", f"merge D={d}", rat._ring_attention_merge_kernel, consts, 4, 1,
+            unaligned=frozenset({"stride_lse_h", "stride_blse_h"}), pointers=fp32, dot=False, loop=False,
+        )  # fmt: skip
+
+
 MOE_PRESETS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B}
 
 
@@ -386,6 +399,7 @@ OPS = {
     "grouped_gemm": _moe,  # the grouped GEMMs and moe_ffn's kernels come from one shape table
     "moe_ffn": _moe,
     "pool_adapter": _pool_adapter,
+    "ring_attention": _ring_attention,
 }
 
 

@@ -18,7 +18,8 @@ all if j > i. At ring step t rank r holds the KV of rank s = (r - t) mod CP (chu
 so every step is one ``varlen_attention`` call over 2c^2 (query, key) pairs per document: equal
 work on every rank at every step. The one-sided steps select half of the rows with interleaved
 cu_seqlens that give the other half zero-length sequences (no gather copies). Each step's
-(o_t, lse_t) merges into fp32 accumulators (fp64 for fp64 inputs) through the log-sum-exp:
+(o_t, lse_t) merges into fp32 accumulators (fp64 for fp64 inputs) through the log-sum-exp (one
+fused kernel with Triton blocks, :mod:`seedvl_kernels.ring_attention_triton`; the reference here):
 
     m = max(lse, lse_t) (0 where both are -inf);  lse' = m + log(exp(lse - m) + exp(lse_t - m))
     o' = exp(lse - lse') o + exp(lse_t - lse') o_t       (weights <= 1: no overflow)
@@ -41,8 +42,9 @@ hop home to its owner.
 
 Communication (KV of T rows: 2*T*Hkv*D*itemsize bytes). Forward: CP-1 KV hops. Backward: CP-1 KV
 hops and CP fp32 dKV hops (2*T*Hkv*D*4 bytes each). Every hop is an isend to rank r+1 and an irecv
-from r-1, posted in rank-parity order (even ranks send first, odd ranks receive first: no cycle
-of blocking sends with any backend, and none of batch_isend_irecv's gloo pitfalls). Buffers are
+from r-1: under NCCL the two as one ``batch_isend_irecv`` (one NCCL group, so the send and the
+receive run concurrently), elsewhere posted in rank-parity order (even ranks send first, odd ranks
+receive first: no cycle of blocking sends, and none of batch_isend_irecv's gloo pitfalls). Buffers are
 double-buffered: block t+1 arrives while block t is computed. With NCCL the transfers run on the
 process group's own CUDA stream (the separate communication stream), which waits for the current
 stream's producers; Work.wait() makes the compute stream wait for an arrival, with no host sync.
@@ -73,6 +75,7 @@ import torch
 import torch.distributed as dist
 
 from . import _dispatch, _validate
+from . import ring_attention_triton as _merge_triton
 from .varlen_attention import OP as VARLEN_OP
 from .varlen_attention import _check_qkv, _compute_dtype
 
@@ -267,7 +270,7 @@ def _step_kind(rank: int, source: int) -> str:
     return "self" if source == rank else ("before" if source < rank else "after")
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
+def _merge_ref(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
     """In place: (out, lse) <- LSE-weighted combination with a partial result; see the docstring."""
     m = torch.maximum(lse, blk_lse)
     m = m.masked_fill(torch.isneginf(m), 0.0)
@@ -279,11 +282,21 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse:
     lse.copy_(new)
 
 
+def _merge(out, lse, blk_out, blk_lse, impl: str) -> None:
+    """The merge on the implementation the blocks run on: with Triton blocks one fused kernel
+    (ring_attention_triton.merge_) where it serves the partials (fp32), else the reference."""
+    if impl == "triton" and _merge_triton.merge_unavailable(out, blk_out) is None:
+        _merge_triton.merge_(out, lse, blk_out, blk_lse)
+    else:
+        _merge_ref(out, lse, blk_out, blk_lse)
+
+
 # ----------------------------------------------------------------------------- communication
 
 
 class _Ring:
-    """Neighbours in a process group, and a parity-ordered isend/irecv exchange."""
+    """Neighbours in a process group, and the exchange of one hop: one batch_isend_irecv under NCCL,
+    a parity-ordered isend/irecv pair otherwise."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -291,9 +304,20 @@ class _Ring:
         self.size = dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        # NCCL runs separately posted point-to-point calls one after the other on its stream (the
+        # send, then the receive that the peer posts after its own receive), so a hop's two
+        # transfers serialise; one batch_isend_irecv is one NCCL group, in which they overlap.
+        # gloo has no grouped launch (batching buys nothing there): it keeps the parity order.
+        self.batched = dist.get_backend(group) == "nccl"
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
         """Start sending ``send`` to the next rank and receiving the previous rank's into ``recv``."""
+        if self.batched:
+            ops = [
+                dist.P2POp(dist.isend, send, self.next, self.group, tag),
+                dist.P2POp(dist.irecv, recv, self.prev, self.group, tag),
+            ]
+            return dist.batch_isend_irecv(ops)
         ops = [
             lambda: dist.isend(send, self.next, group=self.group, tag=tag),
             lambda: dist.irecv(recv, self.prev, group=self.group, tag=tag),
@@ -353,7 +377,8 @@ class _RingAttention(torch.autograd.Function):
                 spare = torch.empty_like(kv) if spare is None else spare
                 works = ring.exchange(kv, spare, _KV_TAG)
             kind = _step_kind(ring.rank, (ring.rank - t) % ring.size)
-            _merge(out, lse, *_block_fwd(q, kv[0], kv[1], offsets[kind], max_seqlen, max_seqlen, scale, impl))
+            blk_out, blk_lse = _block_fwd(q, kv[0], kv[1], offsets[kind], max_seqlen, max_seqlen, scale, impl)
+            _merge(out, lse, blk_out, blk_lse, impl)
             _wait(works)
             kv, spare = spare, kv
         out = out.to(q.dtype)
@@ -455,7 +480,7 @@ class _AllGatherAttention(torch.autograd.Function):
         lse = torch.full((q.shape[1], T), float("-inf"), dtype=c, device=q.device)
         max_k = cp * max_seqlen
         for call in calls:
-            _merge(out, lse, *_block_fwd(q, kg, vg, call, max_seqlen, max_k, scale, impl))
+            _merge(out, lse, *_block_fwd(q, kg, vg, call, max_seqlen, max_k, scale, impl), impl)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kg, vg, out, lse, rows)
         ctx.group, ctx.calls, ctx.args = group, calls, (max_seqlen, max_k, scale, impl)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from tests.dist_utils import init_gloo, spawn
 from tests.utils import assert_close
 
 ra = importlib.import_module("seedvl_kernels.ring_attention")  # not exported by the package yet
+rat = importlib.import_module("seedvl_kernels.ring_attention_triton")
 va = importlib.import_module("seedvl_kernels.varlen_attention")
 MERGE_FP32 = ra._merge
 PARTIAL_FP32 = ra._partial_dtype
@@ -127,8 +129,8 @@ def _errors(got: dict, want: dict, rows: torch.Tensor, extra: int, tol: float) -
     return result
 
 
-def _merge_bf16_accumulator(out, lse, blk_out, blk_lse):
-    MERGE_FP32(out, lse, blk_out, blk_lse)
+def _merge_bf16_accumulator(out, lse, blk_out, blk_lse, impl):
+    MERGE_FP32(out, lse, blk_out, blk_lse, impl)
     out.copy_(out.bfloat16())
 
 
@@ -361,3 +363,93 @@ def test_argument_checks(one_rank_group):
         ra.zigzag_unshard([], cu)
     with pytest.raises(ValueError, match=r"shards\[1\]: expected \(4, 2, 4\) rows"):
         ra.zigzag_unshard([torch.zeros(4, 2, 4), torch.zeros(3, 2, 4)], cu)
+
+
+def _partials(T: int, H: int, D: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """A running (out, lse) and a block's (blk_out, blk_lse), fp32, with rows that have seen no key
+    yet (-inf) on either side, on both sides, and scores spread over +-30 (weights far from 1/2)."""
+    g = torch.Generator().manual_seed(seed)
+    out, blk = (torch.randn(T, H, D, generator=g) for _ in range(2))
+    lse, blk_lse = (30 * torch.randn(H, T, generator=g) for _ in range(2))
+    lse[:, ::5] = float("-inf")
+    blk_lse[:, 1::3] = float("-inf")
+    out[::5] = 0.0  # what the ring holds for a row before its first key
+    return out, lse, blk, blk_lse
+
+
+@pytest.mark.parametrize("T, H, D", [(130, 3, 24), (5, 2, 128), (64, 1, 64), (0, 2, 16)])
+def test_fused_merge_matches_reference(T, H, D):
+    """The one-kernel merge (interpreted on CPU) against the eager reference, in place, at the GPU
+    launch's tiles (rows a program: 64 at D = 24, so T = 130 is two full programs and a partial one,
+    with masked columns; 32 at D = 64; 16 at D = 128)."""
+    if rat.merge_unavailable(torch.empty(0), torch.empty(0)) is not None:
+        pytest.skip(rat.merge_unavailable(torch.empty(0), torch.empty(0)))
+    out, lse, blk, blk_lse = _partials(T, H, D, seed=T + D)
+    want_out, want_lse = out.clone(), lse.clone()
+    ra._merge_ref(want_out, want_lse, blk, blk_lse)
+    rat.merge_(out, lse, blk, blk_lse)
+    assert_close(out, want_out, "out", atol=1e-6, rtol=1e-5)
+    assert_close(lse, want_lse, "lse", atol=1e-5, rtol=1e-6)
+    both_empty = torch.isneginf(want_lse)
+    assert torch.isneginf(lse[both_empty]).all() and not lse.isnan().any()
+    assert (out.transpose(0, 1)[both_empty] == 0).all()
+
+
+def test_fused_merge_serves_only_fp32_partials():
+    out, lse, blk, blk_lse = _partials(8, 2, 16, seed=1)
+    assert "float32" in rat.merge_unavailable(out.double(), blk.double())
+    with pytest.raises(ValueError, match="out: the fused merge handles float32"):
+        rat.merge_(out.double(), lse.double(), blk.double(), blk_lse.double())
+    if rat.merge_unavailable(out, blk) is None:
+        with pytest.raises(ValueError, match="blk_out, lse, blk_lse: expected shapes"):
+            rat.merge_(out, lse[:, :4], blk, blk_lse)
+        with pytest.raises(ValueError, match="lse: expected unit stride"):
+            rat.merge_(out, lse.t().contiguous().t(), blk, blk_lse)
+
+
+class _P2POp(NamedTuple):
+    op: object
+    tensor: torch.Tensor
+    peer: int
+    group: object = None
+    tag: int = 0
+
+
+class _Recorder:
+    """Stands in for torch.distributed's point-to-point calls: records what a hop posts."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def isend(self, tensor, dst, group=None, tag=0):
+        self.calls.append(("isend", dst, tag))
+        return "work"
+
+    def irecv(self, tensor, src, group=None, tag=0):
+        self.calls.append(("irecv", src, tag))
+        return "work"
+
+    def batch_isend_irecv(self, ops):
+        self.calls.append(("batch", [(op.op.__name__, op.peer, op.tag) for op in ops]))
+        return ["work"]
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_hop_is_one_batched_call_under_nccl_and_parity_ordered_otherwise(monkeypatch, backend, rank):
+    rec = _Recorder()
+    monkeypatch.setattr(dist, "get_rank", lambda group: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda group: 3)
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, r: 10 + r)
+    monkeypatch.setattr(dist, "get_backend", lambda group: backend)
+    for name in ("isend", "irecv", "batch_isend_irecv"):
+        monkeypatch.setattr(dist, name, getattr(rec, name))
+    monkeypatch.setattr(dist, "P2POp", _P2POp)
+    ring = ra._Ring(group=None)
+    works = ring.exchange(torch.zeros(2), torch.zeros(2), tag=7)
+    nxt, prev = 10 + (rank + 1) % 3, 10 + (rank - 1) % 3
+    if backend == "nccl":
+        assert rec.calls == [("batch", [("isend", nxt, 7), ("irecv", prev, 7)])] and works == ["work"]
+    else:
+        pair = [("isend", nxt, 7), ("irecv", prev, 7)]
+        assert rec.calls == (pair if rank % 2 == 0 else pair[::-1]) and len(works) == 2
