@@ -28,7 +28,9 @@ Row indirection (used by seedvl_kernels.moe_ffn_triton; all optional, one conste
 ``a_rows`` gathers the A operand's rows (a row of permuted row r is a_rows[r], so no permuted copy
 of the tokens is materialised), ``out_rows`` scatters output rows (each written exactly once: it is
 a permutation), ``row_scale`` multiplies output row r by an fp32 factor in the epilogue, and in the
-dW kernel ``c_rows`` / ``c_scale`` do the same for the dC operand on load.
+dW kernel ``c_rows`` gathers the dC operand's rows and ``c_scale`` multiplies row r of the product
+by an fp32 factor (applied to the A tile on load: a row factor of the contraction may sit on either
+operand, and on A it keeps the wgrad's wgmma pipelined).
 
 No alignment requirements: loads are masked pointer loads with arbitrary strides (any K, N, row
 stride and storage offset); Triton specialises on 16-byte divisibility and merely vectorises less
@@ -289,9 +291,14 @@ def _grouped_gemm_dw_kernel(
             mask=mask_r[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if SCALE_C:  # rounded to the operand dtype, as an unfused scale-then-GEMM would be
+        if SCALE_C:
+            # sum_r a[r]^T (s[r] c[r]) = sum_r (s[r] a[r])^T c[r]: the row factor goes on A, the
+            # operand wgmma takes from registers, so c's tiles go from the pipelined shared-memory
+            # buffers straight to the tensor cores (scaling c in registers forced a shared-memory
+            # round trip and wait_group 0 every step). Rounded to the operand dtype, as an unfused
+            # scale-then-GEMM would be.
             scale = tl.load(c_scale_ptr + rows, mask=mask_r, other=0.0)
-            c = (c.to(tl.float32) * scale[:, None]).to(c_ptr.dtype.element_ty)
+            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(a), c, acc, input_precision=DOT_PRECISION)
 
     out_ptrs = (
@@ -383,7 +390,8 @@ def launch_k_grouped(
     config: KGroupedConfig | None = None,
 ) -> None:
     """out[e] = a_e^T @ c_e (K, N), stored transposed (N, K) with trans_b, where rows r of group e
-    read a[a_rows[r]] and c[c_rows[r]] * c_scale[r] when given. Writes all of ``out``."""
+    read a[a_rows[r]] and c[c_rows[r]], their product scaled by c_scale[r], when given. Writes all of
+    ``out``."""
     num_groups = offsets.shape[0] - 1
     k, n = a.shape[1], c.shape[1]
     if trans_b:

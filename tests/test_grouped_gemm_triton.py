@@ -110,6 +110,30 @@ def test_row_gather_scatter_and_scale():
     assert torch.equal(dw[1], torch.zeros(K, N))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_scaled_wgrad_at_the_gpu_tiles(dtype):
+    """moe_ffn's dW_down (rows of dC gathered, each row's product scaled by its gate weight) at the
+    sm_90 bf16 config of the wgrad kernel (BLOCK_K x BLOCK_N x BLOCK_R = 128 x 128 x 64): groups of
+    0, 1, 64 and 150 rows (no step, a partial step, one full step, two full and a partial), K and N
+    past one tile. The scale sits on the A tile in the kernel; the reference scales dC: the same
+    sum, rounded once per operand in fp16, so fp16 is held to fp16 rounding of one operand."""
+    cfg = ggt.k_grouped_config(136, 130, torch.bfloat16, torch.device("cuda"))
+    assert (cfg.block_k, cfg.block_n, cfg.block_r) == (128, 128, 64), cfg
+    sizes = [0, 150, 1, 64]
+    M, K, N, T = sum(sizes), 130, 136, 97
+    x = torch.randn(M, K).to(dtype)
+    c = torch.randn(T, N).to(dtype)
+    c_rows = torch.randint(0, T, (M,), dtype=torch.int32)
+    scale = torch.rand(M)
+    offsets = _offsets(sizes)
+    dw = torch.full((len(sizes), K, N), float("nan"), dtype=dtype)
+    ggt.launch_k_grouped(x, c, offsets, dw, False, c_rows=c_rows, c_scale=scale, config=cfg)
+    expected = grouped_gemm_dw_ref(x.double(), c[c_rows.long()].double() * scale[:, None].double(), offsets)
+    rel = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the scaled operand rounded, 150 terms
+    assert_close(dw.double(), expected, f"scaled dW at the GPU tiles ({dtype})", atol=rel * 4, rtol=rel)
+    assert torch.equal(dw[0], torch.zeros(K, N, dtype=dtype))
+
+
 def test_all_groups_empty_and_no_rows():
     a, b, offsets = _operands([0, 0, 0], 5, 4, torch.float32, False, pad=4)
     out = grouped_gemm(a, b, offsets, impl="triton")
