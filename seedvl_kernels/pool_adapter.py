@@ -229,6 +229,28 @@ def _fall_back_from_cuda(impl: str | None, device: torch.device, dtype: torch.dt
     return "triton" if _dispatch.unavailable_reason(OP, "triton", device, dtype) is None else "ref"
 
 
+# auto's rule between the two fast kernels, by architecture. The CUDA kernel multiplies with mma.sync
+# (Ampere's tensor-core instruction); on sm_90 and newer the Triton kernel issues wgmma with its loads
+# pipelined (profiles/kernel_report.md: `pool_adapter_gemm_kernel` mma.sync; `_pool_adapter_gemm_kernel`
+# wgmma, 2 groups in flight in F1, F2, B1, B4); an offline review (issue 19) puts the CUDA kernel at
+# 50-60% of wgmma speed there, an estimate no GPU has checked yet. So auto takes Triton on compute
+# capability >= 9 and the CUDA kernel on sm_80/sm_86/sm_89, until the CUDA kernel is ported to wgmma
+# (then this rule goes).
+# bench/bench_pool_adapter.py's curated rows in the GPU pass time both on a lent H100/H200.
+TRITON_FIRST_FROM_CAPABILITY = 9
+
+
+@torch.compiler.assume_constant_result
+def _auto_by_architecture(impl: str | None, chosen: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``'s pick after the generic order (CUDA, Triton, reference): Triton instead of CUDA on
+    GPUs of compute capability >= TRITON_FIRST_FROM_CAPABILITY (see above); explicit choices stay."""
+    if chosen != "cuda" or _dispatch.requested(OP, impl) != "auto":
+        return chosen
+    if torch.cuda.get_device_capability(device)[0] < TRITON_FIRST_FROM_CAPABILITY:
+        return chosen
+    return "triton" if _dispatch.unavailable_reason(OP, "triton", device, dtype) is None else chosen
+
+
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 
@@ -330,7 +352,8 @@ def pool_adapter(
         b2: (C_out,) second bias, contiguous.
         impl: "ref", "triton" (float32/float16/bfloat16), "cuda" (float16/bfloat16; C, F, C_out
             multiples of 8) or "auto" (see seedvl_kernels._dispatch; auto passes over CUDA for
-            shapes it does not take). All tensors share x's dtype and device.
+            shapes it does not take, and takes Triton over CUDA on sm_90 and newer, where only the
+            Triton kernel uses wgmma). All tensors share x's dtype and device.
 
     Returns:
         (T/4, C_out) tensor in x's dtype. Differentiable in x, w1, b1, w2 and b2. Non-finite
@@ -364,7 +387,7 @@ def pool_adapter(
     _check_matrix_layout("w1", w1)
     _check_matrix_layout("w2", w2)
     device = _validate.same_device({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2})
-    chosen = _dispatch.resolve(OP, impl, device, x.dtype)
+    chosen = _auto_by_architecture(impl, _dispatch.resolve(OP, impl, device, x.dtype), device, x.dtype)
     if chosen == "cuda" and (reason := cuda_shape_reason(x, w1, w2)) is not None:
         chosen = _fall_back_from_cuda(impl, device, x.dtype, reason)
     y, _ = _pool_adapter_fwd_op(x, w1, b1, w2, b2, chosen)

@@ -150,6 +150,19 @@ def test_cuda_shape_rules_and_fallback():
         pa._fall_back_from_cuda("cuda", torch.device("cpu"), torch.float32, "why")
 
 
+@pytest.mark.parametrize(("capability", "expected"), [((8, 0), "cuda"), ((8, 9), "cuda"), ((9, 0), "triton")])
+def test_auto_picks_triton_on_hopper(monkeypatch, capability, expected):
+    """auto's rule by architecture (decided from metadata, no GPU needed): Triton over the CUDA kernel
+    from sm_90 on, where only Triton's kernel uses wgmma; explicit choices and the other picks stay."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda, half = torch.device("cuda"), torch.float16  # float16: the interpreter serves it (not bfloat16)
+    assert pa._auto_by_architecture(None, "cuda", cuda, half) == expected
+    assert pa._auto_by_architecture("cuda", "cuda", cuda, half) == "cuda"
+    assert pa._auto_by_architecture(None, "ref", cuda, half) == "ref"
+    with sk.use_impl(pool_adapter="cuda"):
+        assert pa._auto_by_architecture(None, "cuda", cuda, half) == "cuda"
+
+
 # ----------------------------------------------------------------------------- GPU, bf16, model shapes
 
 # Seed-ViT width 1280 into a 4096-wide adapter (F = C_out), a 16k-token pack; then odd sizes.
