@@ -36,7 +36,7 @@ PLAN=(
   "setup:90:carried wheels; import the carried _C, else build it for sm_90a only"
   "selfcheck:60:every op x implementation at real sizes in bf16 vs fp64 (python -m seedvl_kernels.selfcheck --size real)"
   "tests:120:pytest -m gpu in ${GPU_PASS_SHARDS:-6} parallel shards (Triton compiles overlap)"
-  "bench:90:curated rows vs the strongest peer without a compile: attention 1k-image ViT pack + 16k LLM pack, MoE 235B balanced + Zipf, pool_adapter, rope_2d"
+  "bench:90:curated rows vs the strongest peer without a compile: attention 1k-image ViT pack + 16k LLM pack, MoE 235B balanced + Zipf, pool_adapter, rope_2d, ring merge"
   "full:30:the rest of the benchmark matrix with torch.compile peers and autotune search (saved), until the deadline"
 )
 
@@ -151,6 +151,7 @@ CURATED_K="(varlen_attention and (1k_images or llm_causal_gqa) and triton and no
 CURATED_K+=" or (moe_layer and 235b and 16384 and (balanced or zipf) and fwd_bwd and (triton or cuda))"
 CURATED_K+=" or (pool_adapter and 16384 and 4096 and (triton or cuda))"
 CURATED_K+=" or (rope_2d and 65536 and bfloat16 and (triton or cuda))"
+CURATED_K+=" or (ring_attention and merge)"  # issue 19: the fused (out, lse) merge vs the eager chain
 
 stage_bench() {
   SEEDVL_BENCH_JSONL="$OUT/bench.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_curated" \
