@@ -201,12 +201,15 @@ class Samples:
 
 
 def next_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+    suppress: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One draw per row of ``logits`` (b, V): (tokens (b,) int64, their log-probs (b,) fp32 under
     log_softmax(logits / temperature), before the top-p cut). Temperature 0 is greedy (log-probs
-    under temperature 1)."""
+    under temperature 1). ``suppress``: token ids never drawn (their logits are -inf first)."""
     logits = logits.float()
+    if suppress is not None and suppress.numel():
+        logits = logits.index_fill(-1, suppress.to(logits.device), float("-inf"))
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
@@ -231,6 +234,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     stop_ids: Collection[int] = (),
+    suppress_ids: Collection[int] = (),
     images: PackedImages | None = None,
     generator: torch.Generator | None = None,
 ) -> Samples:
@@ -241,6 +245,8 @@ def sample(
         model: an MoELLM, or a SeedVLM when the prompts hold image placeholders.
         prompts: B 1-D int64 token tensors (non-empty), positions start at 0 in each.
         temperature: >= 0 (0: greedy); top_p: in (0, 1].
+        suppress_ids: tokens never drawn, e.g. image placeholders, which a reply must not hold; the
+            log-probs are then under the distribution without them (logits -inf).
         images: the packed images whose visual tokens fill the prompts' placeholders, in order.
         generator: the random stream of the draws (on the model's device); None: torch's global one.
     """
@@ -248,7 +254,8 @@ def sample(
         raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
-    pick = lambda logits: next_token(logits, temperature, top_p, generator)
+    suppress = torch.tensor(sorted(suppress_ids), dtype=torch.int64)
+    pick = lambda logits: next_token(logits, temperature, top_p, generator, suppress)
     out, logps = _decode(model, prompts, max_new_tokens, pick, frozenset(stop_ids), images)
     return Samples(
         [torch.tensor(o, dtype=torch.int64) for o in out],

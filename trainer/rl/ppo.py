@@ -44,9 +44,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 
 
 def token_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: torch.Tensor,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    kl_coef: torch.Tensor,
     mask: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(N, L) rewards: -kl_coef[n] * (logprobs - ref_logprobs) on every response token, plus
     ``scores[n]`` on the last one. ``kl_coef`` (N,) is each rollout's prompt-type coefficient."""
     if scores.shape != kl_coef.shape or scores.shape != mask.shape[:1]:
@@ -86,9 +89,12 @@ class PolicyLoss:
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
     clip: float = 0.2,
-) -> PolicyLoss:  # fmt: skip
+) -> PolicyLoss:
     """The clipped surrogate (module docstring), token mean over ``mask``."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
@@ -99,9 +105,12 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
     clip: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(clipped value loss, share of tokens where the clipped error is the larger one)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     err, err_clipped = (values - returns) ** 2, (clipped - returns) ** 2
