@@ -132,6 +132,14 @@ RECIPES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Post-training recipes (trainer/rl): phases rather than stage lists; trainer/run.py hands them to
+# trainer.rl.run, whose PostConfig holds their settings (--set rl.FIELD=VALUE).
+POST_RECIPES: dict[str, str] = {
+    "rl": "reward model -> critic warm-up -> PPO, from --init's model",
+    "post": "SFT (the vlm recipe, unless --init) -> reward model -> PPO -> rejection-sampling SFT",
+}
+
+
 def get_recipe(name: str) -> tuple[Stage, ...]:
     """A named recipe, or a comma-separated list of stage names (``stage1,sft``)."""
     names = RECIPES.get(name, tuple(n.strip() for n in name.split(",")))

@@ -29,7 +29,7 @@ import os  # noqa: E402
 
 from trainer.config import RunConfig, SetupError, load_toml  # noqa: E402
 from trainer.loop import Preempted, train  # noqa: E402
-from trainer.recipes import RECIPES, STAGES  # noqa: E402
+from trainer.recipes import POST_RECIPES, RECIPES, STAGES  # noqa: E402
 
 
 def _steps_range(text: str) -> tuple[int, int]:
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="settings under the long flag names (steps = 12, set = [...]); flags given here win; "
         "every run writes its own to <out>/config.toml")
     add("--recipe", default="vlm",
-        help=f"recipe ({', '.join(RECIPES)}; default vlm) or stages a,b ({', '.join(STAGES)})")
+        help=f"recipe ({', '.join(RECIPES)}; default vlm), post-training ({', '.join(POST_RECIPES)}; "
+        f"see trainer/rl) or stages a,b ({', '.join(STAGES)})")
     add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
     add("--data", default="spatial", help="'spatial' (the embedded data, default) or a JSONL manifest")
     add("--tokenizer", default="bytes", help="'bytes' (default) or a local Hugging Face tokenizer directory")
@@ -166,7 +167,13 @@ def _report(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
     try:
-        summary = train(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.recipe in POST_RECIPES:  # post-training, a single process (trainer/rl)
+            from trainer.rl.run import report, run
+
+            summary, describe = run(cfg), report
+        else:
+            summary, describe = train(cfg), _report
     except SetupError as err:
         if rank0:
             print(f"error: {err}", file=sys.stderr)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preempted by {stop}")
         return 0
     if rank0:
-        print(_report(summary))
+        print(describe(summary))
     return 0
 
 
