@@ -3,7 +3,7 @@
 Every ring step folds a block's fp32 partial (o_t, lse_t) into the running (o, lse) of this rank's
 queries. Bytes a step: o read and written, o_t read (3 * T*Hq*D*4), lse read and written, lse_t read
 (3 * T*Hq*4). Rows: ``triton`` (one kernel, seedvl_kernels.ring_attention_triton), ``ref`` (the eager
-chain of about eight kernels, ring_attention._merge_ref) and the peer ``copy`` (a device-to-device copy
+chain of 20 ATen kernels, ring_attention._merge_ref) and the peer ``copy`` (a device-to-device copy
 of the same number of bytes: the kernel's target is ratio_to_peer["copy"] >= 0.8). Shape: a 16k-token
 local shard (a 32k-token document at CP=2) with the LLM pack's 32 query heads of head dim 128. On a
 CPU: a tiny shape, the reference and the peer only.

@@ -80,6 +80,7 @@ HOT_TRITON = (
     "varlen_attention: dq D=128 rope=0 causal=1 64x32 w4 s2",
     "grouped_gemm: qwen3-30b-a3b M-grouped (gate_up fwd)",
     "grouped_gemm: qwen3-30b-a3b K-grouped (dW gate_up)",
+    "grouped_gemm: qwen3-30b-a3b K-grouped (dW down)",  # pipelined since its row scale moved onto A
     "pool_adapter: F1 h, a = GELU(mean4(x) w1 + b1)",
     "pool_adapter: B1 dh, a, db1, db2 partials",
     "rope_2d: D=64 inverse=0",

@@ -5,11 +5,12 @@ Every ring step folds a block's partial result (o_t, lse_t) into the running (o,
     m = max(lse, lse_t) (0 where both are -inf);  lse' = m + log(exp(lse - m) + exp(lse_t - m))
     o' = exp(lse - lse') o + exp(lse_t - lse') o_t
 
-In eager PyTorch that is about eight kernels a step (max, fill, two exps, log, two weight exps, the
-scale-and-add of o, the copy of lse), each a full pass over (T, Hq) or (T, Hq, D). Here one program
-per (BLOCK_T rows, head) reads lse, lse_t, o and o_t once and writes o' and lse' once, in place:
-bytes a step = (3 reads + 1 write) * T*Hq*D*4 for o and 3 * T*Hq*4 for lse, against roughly twice
-that through the eager chain, and one launch instead of eight.
+In eager PyTorch (ring_attention._merge_ref) that is 20 ATen kernels a step (maximum, isneginf,
+masked_fill, four sub/exp pairs, log, ... counted under a dispatch mode), each a full pass over
+(T, Hq) or (T, Hq, D); the (T, Hq, D) passes alone move 7 * T*Hq*D*4 bytes (o scaled in place, o_t
+scaled into a temporary, the two summed into o). Here one program per (BLOCK_T rows, head) reads
+lse, lse_t, o and o_t once and writes o' and lse' once, in place: 3 * T*Hq*D*4 + 3 * T*Hq*4 bytes
+and one launch.
 
 Layouts: out, blk_out (T, Hq, D) fp32 with unit stride in D; lse, blk_lse (Hq, T) fp32 with unit
 stride in T. The arithmetic is the reference's, in fp32, so results agree to a few ulps (exp and log
