@@ -42,7 +42,7 @@ class RunConfig:
     recipe: str = "vlm"
     preset: str = "seedvl-tiny"
     data: str = "spatial"  # "spatial" (embedded procedural data) or a JSONL manifest path
-    tokenizer: str = "bytes"  # "bytes" or a local Hugging Face tokenizer directory
+    tokenizer: str = "words"  # "words", "bytes" or a local Hugging Face tokenizer directory
     out: Path | None = None  # default runs/<recipe>-<preset>
     steps: int | None = None  # total steps over all stages (proportions kept)
     tokens: int | None = None  # or a total token budget
@@ -75,6 +75,8 @@ class RunConfig:
     async_save: bool = False  # checkpoints written in the background (dcp.async_save)
     vit_balance: str = "auto"  # "auto" (flops under torchrun), "off", "flops", "patches", "patches2"
     vit_balance_group: int | None = None  # ranks per balancing group; default the largest divisor <= 128
+    teacher: Path | None = None  # vit_mim's teacher: a local HF vision tower (None: HOG targets)
+    vit_init: Path | None = None  # the ViT from a ViT pre-training run (trainer.vit_pretrain)
 
 
 # RunConfig field -> the command-line flag (and TOML key) that sets it, where the names differ.
@@ -140,7 +142,7 @@ def load_toml(path: Path) -> dict[str, object]:
             raise SetupError(f"--config {path}: unknown key {key!r} (known: {known})")
         if name in ("progress", "tensorboard") and key.startswith("no"):
             value = not value
-        if name in ("out", "init") and isinstance(value, str):
+        if name in ("out", "init", "teacher", "vit_init") and isinstance(value, str):
             value = Path(value)
         if name == "profile_steps" and isinstance(value, list):
             value = tuple(value)

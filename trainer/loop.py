@@ -79,7 +79,7 @@ from .data.tokenizer import load_tokenizer
 from .evaluate import EvalResult, HeldOut, encode_config
 from .gallery import write_gallery
 from .profiling import StepProfiler, nvtx_range
-from .recipes import Stage, apply_overrides, get_recipe, scale_to, with_steps
+from .recipes import RECIPES, Stage, apply_overrides, get_recipe, scale_to, with_steps
 from .throughput import FlopCounter, measure_peak
 
 log = logging.getLogger("trainer")
@@ -180,6 +180,8 @@ class Run:
         resume_from = self.ckpt.latest_good() if cfg.resume else None
         if cfg.init is not None and resume_from is None:
             self._init_weights(Path(cfg.init))
+        if cfg.vit_init is not None and resume_from is None:
+            self._init_vit(Path(cfg.vit_init))
         self._ckpt_group = None
         if self.distributed:
             self.meshes = self.dims.build(self.device.type)
@@ -318,6 +320,16 @@ class Run:
             )
         Checkpointer.load_model(ckpt, self.model)
         log.info("initialised the model from %s (step %s)", ckpt, meta.get("global_step"))
+
+    def _init_vit(self, path: Path) -> None:
+        """The ViT's weights from a ViT pre-training run (trainer.vit_pretrain.export)."""
+        from .vit_pretrain.export import load_pretrained_vit
+
+        try:
+            load_pretrained_vit(path, self.model.vit)
+        except (FileNotFoundError, ValueError) as err:
+            raise SetupError(str(err)) from err
+        log.info("initialised the ViT from the pre-trained ViT of %s", path)
 
     def _set_trainable(self, stage: Stage) -> None:
         set_trainable(self.model, stage.trainable)
@@ -685,6 +697,10 @@ def _compute_dtype(spec: str, device: torch.device) -> torch.dtype | None:
 def train(cfg: RunConfig) -> dict:
     """Set up (or resume) and run; returns the summary (empty on ranks other than 0). SetupError:
     the configuration is unusable."""
+    from .vit_pretrain.loop import is_vit_stage, train_recipe
+
+    if any(is_vit_stage(name.strip()) for name in RECIPES.get(cfg.recipe, cfg.recipe.split(","))):
+        return train_recipe(cfg, train)  # ViT pre-training first (--recipe vit, full)
     run, finished = None, False
     try:
         run = Run(cfg)

@@ -123,12 +123,30 @@ STAGES: dict[str, Stage] = {
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
         seq_len=131_072, steps=200, min_level=LEVEL_RESPONSE,
     ),
+    # ViT pre-training (Table 2), run by trainer.vit_pretrain: the ViT and its pre-training heads
+    # train; seq_len is a step's ViT patches (CPU-scale, like steps); LRs are the paper's at
+    # SeedViT's width (trainer.vit_pretrain.scale_vit_stages); warmups the paper's fractions of
+    # 2.2B/55,296, 4.8B/32,768 and 65M/1,024 steps.
+    "vit_mim": Stage(
+        "vit_mim", ("vit",), lr_max=7.06e-3, lr_min=1.05e-5, schedule="cosine", warmup=1692 / 39_785,
+        seq_len=1536, steps=60, min_level=LEVEL_PROMPT,
+    ),
+    "vit_contrastive": Stage(
+        "vit_contrastive", ("vit",), lr_max=1.0e-4, lr_min=1.2e-6, schedule="cosine",
+        warmup=2000 / 146_484, seq_len=1536, steps=500, min_level=LEVEL_PROMPT,
+    ),
+    "vit_video": Stage(
+        "vit_video", ("vit",), lr_max=5.0e-5, lr_min=2.02e-7, schedule="cosine", warmup=12_800 / 63_477,
+        seq_len=3072, steps=40, min_level=LEVEL_PROMPT,
+    ),
 }  # fmt: skip
 
 RECIPES: dict[str, tuple[str, ...]] = {
     "vlm": ("stage0", "stage1", "stage2", "sft"),  # the whole Seed1.5-VL recipe (the default)
     "pretrain": ("stage0", "stage1", "stage2"),
     "sft": ("sft",),
+    "vit": ("vit_mim", "vit_contrastive", "vit_video"),  # SeedViT pre-training (trainer.vit_pretrain)
+    "full": ("vit_mim", "vit_contrastive", "vit_video", "stage0", "stage1", "stage2", "sft"),
 }
 
 

@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         f"see trainer/rl) or stages a,b ({', '.join(STAGES)})")
     add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
     add("--data", default="spatial", help="'spatial' (the embedded data, default) or a JSONL manifest")
-    add("--tokenizer", default="bytes", help="'bytes' (default) or a local Hugging Face tokenizer directory")
+    add("--tokenizer", default="words",
+        help="'words' (default: bytes plus the embedded data's words), 'bytes', or a local Hugging Face "
+        "tokenizer directory")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="total optimizer steps, split over stages as the recipe's")
     budget.add_argument("--tokens", type=float, help="or a total token budget, split as the recipe's tokens")
@@ -73,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--init", type=Path,
         help="start from the model weights of a checkpoint or run directory, or from a Hugging Face "
         "Qwen3-MoE checkpoint directory (config.json + safetensors: the LLM's weights)")
+    add("--teacher", type=Path, metavar="DIR",
+        help="vit_mim's teacher: a local Hugging Face CLIP, SigLIP or Qwen2-VL vision tower (default: "
+        "HOG targets, no weights needed); see trainer/vit_pretrain")
+    add("--vit-init", type=Path, metavar="RUN",
+        help="start the ViT from a ViT pre-training run (python trainer/run.py --recipe vit)")
     add("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
         help="override a stage field, e.g. stage1.lr_max=1e-3, '*.seq_len=2048', sft.steps=50")
     add("--seed", type=int, default=0, help="model init and data order (default 0)")
@@ -143,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         mixed_precision=a.mixed_precision, pg_timeout=a.pg_timeout,
         activation_checkpointing=a.activation_checkpointing, compile=a.compile, async_save=a.async_save,
         vit_balance=a.vit_balance, vit_balance_group=a.vit_balance_group,
+        teacher=a.teacher, vit_init=a.vit_init,
     )  # fmt: skip
 
 

@@ -1,0 +1,304 @@
+"""ViT pre-training: masking under packing, the MIM / SigLIP / SuperClass losses against hand-computed
+values, HOG, the heads' packing, the Hugging Face teacher loader, and a tiny run of ``--recipe vit``
+whose ViT loads into the VLM."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ViTConfig, get_preset
+from model.preprocess import pack_images, patchify
+from model.vit import SeedViT
+from model.vit_heads import AttentionPool, MIMDecoder, TextEncoder
+from tests.utils import assert_close, tol
+from trainer.config import RunConfig, SetupError
+from trainer.vit_pretrain import loop as vit_loop
+from trainer.vit_pretrain.data import CaptionTokenizer, pack_text, scene_caption
+from trainer.vit_pretrain.export import load_pretrained_vit
+from trainer.vit_pretrain.losses import (
+    hog,
+    idf_weights,
+    mask_packed,
+    mim_loss,
+    same_caption,
+    siglip_loss,
+    superclass_loss,
+)
+from trainer.vit_pretrain.teacher import HFTeacher, unpatchify
+
+VIT = get_preset("vit-tiny")
+F32 = tol(torch.float32, 10)
+
+
+def _images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ims = [
+        patchify(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g), size=(h, w))
+        for h, w in sizes
+    ]
+    return ims, pack_images(ims)
+
+
+# ----------------------------------------------------------------------------- masking under packing
+
+
+def test_mask_packed_keeps_a_quarter_of_each_image_inside_it():
+    cu = torch.tensor([0, 4, 4, 52, 60, 61], dtype=torch.int32)  # 4, empty, 48, 8, 1 patches
+    keep, masked, cu_keep, max_keep = mask_packed(cu, 0.75, torch.Generator().manual_seed(1))
+    assert cu_keep.tolist() == [0, 1, 1, 13, 15, 16]  # max(1, round(n / 4)) each, none of the empty one
+    assert max_keep == 12
+    assert torch.equal(torch.sort(torch.cat([keep, masked])).values, torch.arange(61))
+    assert torch.all(keep.diff() > 0) and torch.all(masked.diff() > 0)
+    image_of = torch.repeat_interleave(torch.arange(5), cu.diff().long())
+    kept_per_image = torch.bincount(image_of[keep], minlength=5)
+    assert kept_per_image.tolist() == cu_keep.diff().tolist()
+    other = mask_packed(cu, 0.75, torch.Generator().manual_seed(2))[0]
+    assert not torch.equal(keep, other)  # a different draw masks other patches
+    with pytest.raises(ValueError, match="ratio"):
+        mask_packed(cu, 1.0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mask_packed(cu.long(), 0.5)
+
+
+def test_masked_encoder_and_decoder_do_not_depend_on_packing():
+    """Kept patches keep their own 2D RoPE positions; each image of the packed batch encodes and
+    decodes as it would alone, and moving a kept patch's position changes its output."""
+    torch.manual_seed(0)
+    vit, dec = SeedViT(VIT).eval(), MIMDecoder(VIT, 12).eval()
+    ims, packed = _images([(28, 56), (84, 28), (56, 56)])
+    keep, _, cu_keep, max_keep = mask_packed(packed.cu_seqlens, 0.75, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        enc = vit(packed.patches[keep], packed.pos_hw[keep], cu_keep, max_keep)
+        pred = dec(enc, keep, packed.pos_hw, packed.cu_seqlens, packed.max_seqlen)
+        assert pred.shape == (packed.patches.shape[0], 12)
+        cu = packed.cu_seqlens.tolist()
+        for i, im in enumerate(ims):
+            mine = keep[(keep >= cu[i]) & (keep < cu[i + 1])]
+            local = mine - cu[i]
+            n = im.patches.shape[0]
+            one_cu = torch.tensor([0, local.numel()], dtype=torch.int32)
+            alone = vit(im.patches[local], im.pos_hw[local], one_cu, local.numel())
+            rows = slice(int(cu_keep[i]), int(cu_keep[i + 1]))
+            assert_close(enc[rows], alone, f"encoder, image {i}", **F32)
+            dec_alone = dec(alone, local, im.pos_hw, torch.tensor([0, n], dtype=torch.int32), n)
+            assert_close(pred[cu[i] : cu[i + 1]], dec_alone, f"decoder, image {i}", **F32)
+        shifted = packed.pos_hw[keep].clone()
+        shifted[0, 1] += 3  # RoPE sees relative positions: move one kept patch against the others
+        moved = vit(packed.patches[keep], shifted, cu_keep, max_keep)
+        assert (moved[:1] - enc[:1]).abs().max() > 1e-4
+
+
+def test_mim_loss_is_the_mean_cosine_distance_at_masked_rows():
+    pred = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    target = torch.tensor([[5.0, 5.0], [-1.0, -1.0], [0.0, 1.0]])
+    # rows 1 and 2: cos = -1 and 1 -> distances 2 and 0; row 0 is kept and not scored
+    assert mim_loss(pred, target, torch.tensor([1, 2])).item() == pytest.approx(1.0, abs=1e-6)
+    assert mim_loss(pred, target, torch.tensor([], dtype=torch.long)).item() == 0.0
+
+
+def test_hog_bins_edges_by_orientation():
+    patch = torch.zeros(14, 14, 3)
+    patch[:, 7:] = 1.0  # a vertical edge: horizontal gradient, orientation 0 -> bins 8 and 0 (soft)
+    h = hog(patch.reshape(1, -1)).view(3, 2, 2, 9)
+    assert h.shape == (3, 2, 2, 9)
+    assert torch.norm(h).item() == pytest.approx(1.0, abs=1e-5)
+    energy = h.sum((0, 1, 2))
+    assert energy[[0, 8]].sum() == pytest.approx(energy.sum().item(), rel=1e-6)
+    assert energy[0].item() == pytest.approx(energy[8].item(), rel=1e-5)
+    flat = torch.zeros(14, 14, 3)
+    flat[7:] = 1.0  # a horizontal edge: orientation pi/2 -> bin 4
+    energy = hog(flat.reshape(1, -1)).view(3, 2, 2, 9).sum((0, 1, 2))
+    assert energy[4].item() == pytest.approx(energy.sum().item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- contrastive losses
+
+
+def test_siglip_loss_hand_computed():
+    image = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    # cosines 1, 0.6 / 0, 0.8 -> logits 0, -4 / -10, -2; positives on the diagonal
+    log_sig = lambda z: -math.log1p(math.exp(-z))
+    expected = -(log_sig(0.0) + log_sig(4.0) + log_sig(10.0) + log_sig(-2.0)) / 2
+    assert siglip_loss(image, text, scale, bias).item() == pytest.approx(expected, rel=1e-6)
+    both = torch.ones(2, 2, dtype=torch.bool)  # every pair a positive
+    expected = -(log_sig(0.0) + log_sig(-4.0) + log_sig(-10.0) + log_sig(-2.0)) / 2
+    assert siglip_loss(image, text, scale, bias, both).item() == pytest.approx(expected, rel=1e-6)
+    assert same_caption(["a cube", "two objects", "a cube"]).tolist() == [
+        [True, False, True],
+        [False, True, False],
+        [True, False, True],
+    ]
+    with pytest.raises(ValueError, match="image, text"):
+        siglip_loss(image, text[:1], scale, bias)
+
+
+def test_superclass_loss_hand_computed():
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]))  # softmax 1/6, 2/6, 3/6
+    bags = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    idf = torch.tensor([1.0, 5.0, 3.0])
+    # caption 0: weights 1/4 and 3/4 on classes 0 and 2; caption 1 has no words: 0
+    expected = (0.25 * math.log(6) + 0.75 * math.log(2) + 0.0) / 2
+    assert superclass_loss(logits, bags, idf).item() == pytest.approx(expected, rel=1e-6)
+    df_bags = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    expected_idf = [0.0, math.log(4 / 2), math.log(4 / 1)]  # log(4/5) < 0 is clamped to 0
+    assert idf_weights(df_bags).tolist() == pytest.approx(expected_idf, rel=1e-6)
+
+
+def test_captions_tokenise_and_bag():
+    from trainer.data.spatial import sample_scene
+    from trainer.vit_pretrain.data import IMAGE_SCENES
+
+    tok = CaptionTokenizer(buckets=16)
+    assert tok.encode("A red cube, three objects") == tok.encode("a red cube three objects")
+    assert len(set(tok.encode("red green blue yellow purple cyan orange gray sphere cube cylinder"))) == 11
+    scene = sample_scene(np.random.default_rng(0), IMAGE_SCENES)
+    caption = scene_caption(scene, np.random.default_rng(1))
+    assert 1 <= caption.count(",") + 1 <= 3
+    batch = pack_text([caption, "a cube", ""], tok)
+    assert batch.cu_seqlens.tolist()[-1] == batch.ids.numel()
+    assert batch.bags[1].sum().item() == 2 and batch.bags[2].sum().item() == 1  # "" -> "a"
+
+
+def test_attention_pool_and_text_encoder_pack_independently():
+    torch.manual_seed(0)
+    pool, text = AttentionPool(VIT, 8).eval(), TextEncoder(VIT, 50, 8).eval()
+    x = torch.randn(9, VIT.width)
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)  # the second sequence is empty
+    ids = torch.randint(0, 50, (9,))
+    with torch.no_grad():
+        pooled, encoded = pool(x, cu, 5), text(ids, cu, 5)
+        for i, (a, b) in enumerate([(0, 4), (4, 9)]):
+            one = torch.tensor([0, b - a], dtype=torch.int32)
+            row = (0, 2)[i]
+            assert_close(pooled[row], pool(x[a:b], one, b - a)[0], f"pool {i}", **F32)
+            assert_close(encoded[row], text(ids[a:b], one, b - a)[0], f"text {i}", **F32)
+    assert pooled.shape == (3, 8) and torch.isfinite(pooled).all() and torch.isfinite(encoded).all()
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def test_unpatchify_inverts_patchify():
+    image = torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8)
+    p = patchify(image, size=(56, 84))
+    pixels = unpatchify(p.patches, *p.grid_hw)
+    expected = (image.float() / 255 - torch.tensor((0.48145466, 0.4578275, 0.40821073))) / torch.tensor(
+        (0.26862954, 0.26130258, 0.27577711)
+    )
+    assert_close(pixels, expected, "unpatchify", **F32)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+        image_size=28, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPVisionModel(cfg).eval()
+    path = tmp_path_factory.mktemp("clip_teacher")
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_hf_clip_teacher_gives_one_feature_per_student_patch(clip_dir):
+    model, path = clip_dir
+    teacher = HFTeacher(path)
+    assert teacher.feature_dim == 32 and teacher.family == "clip"
+    ims, packed = _images([(28, 56), (56, 28)], seed=4)
+    feats = teacher(packed)
+    assert feats.shape == (packed.patches.shape[0], 32)
+    # The first image by hand: its pixels through CLIP at 28x56, class token dropped, and the
+    # 2 x 4 grid in 2x2-window order (rows 0-1 of columns 0-1, then of columns 2-3).
+    pixels = unpatchify(ims[0].patches, 2, 4).permute(2, 0, 1)[None]  # CLIP's normalisation already
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[0, 1:]
+    grid = hidden.view(2, 4, 32)
+    expected = torch.stack(
+        [grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1], grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]]
+    )
+    assert_close(feats[:8], expected, "CLIP teacher features", **F32)
+
+
+def test_hf_qwen2_vl_vision_teacher_matches_seedvit(tmp_path):
+    pytest.importorskip("transformers")
+    from model.hf_vision import save_qwen2_vl_vision
+
+    torch.manual_seed(0)
+    vit = SeedViT(VIT).eval()
+    with torch.no_grad():
+        vit.patch_embed.bias.zero_()  # Qwen2-VL's patch embedding has no bias
+    save_qwen2_vl_vision(vit, tmp_path)
+    teacher = HFTeacher(tmp_path)
+    _, packed = _images([(28, 56), (56, 56)], seed=5)
+    with torch.no_grad():
+        ours = vit(packed.patches, packed.pos_hw, packed.cu_seqlens, packed.max_seqlen)
+    assert_close(teacher(packed), ours, "Qwen2-VL teacher vs SeedViT", **tol(torch.float32, 100))
+
+
+def test_hf_teacher_refuses_what_it_cannot_load(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        HFTeacher(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    with pytest.raises(ValueError, match="vision tower on its own"):
+        HFTeacher(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="CLIP, SigLIP or Qwen2-VL"):
+        HFTeacher(tmp_path)
+
+
+# ----------------------------------------------------------------------------- recipes and a tiny run
+
+
+def test_full_recipe_splits_overrides_and_orders_stages():
+    vit, vlm = vit_loop._split_overrides(["vit_mim.steps=3", "stage1.lr_max=1e-3", "*.grad_clip=0.5"])
+    assert vit == ["vit_mim.steps=3", "*.grad_clip=0.5"]
+    assert vlm == ["stage1.lr_max=1e-3", "*.grad_clip=0.5"]
+    with pytest.raises(SetupError, match="must come before"):
+        vit_loop.train_recipe(RunConfig(recipe="stage0,vit_mim"), train_vlm=None)
+    scaled = vit_loop.scale_vit_stages(vit_loop.get_recipe("vit"), VIT)
+    assert [s.lr_max for s in scaled] == pytest.approx([5e-3, 5e-3, 2.5e-3])  # x 1280/64 x 2.5, capped
+
+
+def test_tiny_vit_recipe_writes_zero_shot_scores_and_a_loadable_vit(tmp_path, monkeypatch):
+    for name, value in (
+        ("IMAGE_BANK", 24),
+        ("VIDEO_BANK", 4),
+        ("ZERO_SHOT_PER_CLASS", 2),
+        ("IDF_CAPTIONS", 32),
+    ):
+        monkeypatch.setattr(vit_loop, name, value)
+    from trainer.loop import train
+
+    out = tmp_path / "vit"
+    cfg = RunConfig(
+        recipe="vit", out=out, progress=False, tensorboard=False, eval_every=0,
+        overrides=["vit_mim.steps=2", "vit_contrastive.steps=2", "vit_video.steps=1", "*.seq_len=400"],
+    )  # fmt: skip
+    summary = train(cfg)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["steps"] == 5 == summary["steps"]
+    assert set(saved["zero_shot"]) == {"shape", "colour", "count", "motion"}
+    for v in saved["zero_shot"].values():
+        assert 0 <= v["top1"] <= 1 and v["chance"] == pytest.approx(v["top1"] - v["above_chance"])
+    assert [s["stage"] for s in saved["stages"]] == ["vit_mim", "vit_contrastive", "vit_video"]
+    assert Path(saved["gallery"]).is_file() and Path(saved["loss_plot"]).is_file()
+    from safetensors.torch import load_file
+
+    vlm_vit = SeedViT(get_preset("seedvl-tiny").vit)
+    load_pretrained_vit(out, vlm_vit)
+    on_disk = load_file(str(out / "seedvit" / "model.safetensors"))
+    for name, value in vlm_vit.state_dict().items():
+        assert torch.equal(value, on_disk[name]), name
+    narrower = SeedViT(ViTConfig(width=32, depth=3, num_heads=2, head_dim=16))
+    with pytest.raises(ValueError, match="width 64"):
+        load_pretrained_vit(out, narrower)

@@ -1,0 +1,433 @@
+"""The ViT pre-training loop, and the ``full`` recipe (ViT pre-training, then the VLM stages).
+
+Stages (trainer.recipes: ``vit_mim``, ``vit_contrastive``, ``vit_video``), in one process:
+
+- ``vit_mim``: the ViT and the MIM decoder train; a step is ``seq_len`` patches of images, 75% of
+  each image's patches masked (losses.mask_packed), cosine loss to the targets at the masked places.
+- ``vit_contrastive``: the ViT, the attention-pooling head, the text encoder, the SuperClass head
+  and the SigLIP scale and bias train; a step is ``seq_len`` patches of images, each with a caption
+  drawn for it; loss = SigLIP + SuperClass (weight ``SUPERCLASS_WEIGHT``).
+- ``vit_video``: as the contrastive stage, over clips: every frame is one ViT sequence, the patches
+  of a clip's frames, each with its timestamp's embedding added, pool into one video embedding.
+
+The batch is the step's images (or clips) and their captions; every other caption of the step is
+a negative (losses docstring; under data parallelism :func:`losses.gather_embeddings` would widen
+it to the global batch -- this loop runs in one process, and refuses torchrun).
+
+Learning rates scale with the ViT width (:func:`scale_vit_stages`). Each stage starts a fresh
+AdamW. Checkpoints (trainer.checkpoint) hold the model with its heads, the optimizer and the
+scheduler; ``--resume`` continues, and as a step's batch is a function of (seed, stage, step)
+it repeats an uninterrupted run's batches. At the end: zero-shot classification on held-out
+scenes (trainer.vit_pretrain.zeroshot; also every ``--eval-every`` steps of the contrastive and
+video stages), ``summary.json``, ``loss.png``, ``eval_gallery.png`` and the ViT in ``seedvit/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import ViTConfig, VLMConfig, get_preset
+from model.preprocess import pack_images
+from model.vit_heads import PretrainConfig, SeedViTPretrain
+
+from .. import logs
+from ..checkpoint import Checkpointer
+from ..components import _device, param_groups, prepare_out_dir, stage_scheduler
+from ..config import RunConfig, SetupError, as_dict, validate
+from ..gallery import write_gallery
+from ..recipes import Stage, apply_overrides, get_recipe, with_steps
+from . import zeroshot
+from .data import CaptionTokenizer, ImageBank, VideoBank, pack_text, pack_videos
+from .export import save_pretrained_vit
+from .losses import idf_weights, mask_packed, mim_loss, same_caption, siglip_loss, superclass_loss
+from .teacher import HOGTargets, load_targets
+
+log = logging.getLogger("trainer")
+
+MASK_RATIO = 0.75  # paper §2.1.2
+SUPERCLASS_WEIGHT = 1.0
+REFERENCE_WIDTH = 1280  # SeedViT-532M: the width at which Table 2's learning rates apply
+SHORT_RUN_LR = 2.5  # measured on the tiny preset: 1/width alone (2e-3) left zero-shot at chance
+LR_CAP = 5e-3  # after 300 steps, 5e-3 did not; MIM's 7.06e-3 x 50 would be 0.35
+IMAGE_BANK = 2000  # rendered scenes the image stages draw from
+VIDEO_BANK = 240  # rendered clips
+IDF_CAPTIONS = 4096  # captions whose document frequencies give SuperClass's idf
+ZERO_SHOT_PER_CLASS = 24
+TRAINS = {  # which parts of SeedViTPretrain each kind of stage trains
+    "vit_mim": ("vit", "mim"),
+    "vit_contrastive": ("vit", "pool", "text", "superclass", "logit_scale", "logit_bias"),
+    "vit_video": ("vit", "pool", "time", "text", "superclass", "logit_scale", "logit_bias"),
+}
+VIDEO_IMAGE_SHARE = 0.5  # of vit_video's patch budget spent on image-text pairs (see _step)
+
+
+def is_vit_stage(name: str) -> bool:
+    return name in TRAINS
+
+
+def scale_vit_stages(stages: tuple[Stage, ...], vit: ViTConfig) -> tuple[Stage, ...]:
+    """LRs x (1280 / width) -- the 1/width rule of trainer.recipes, from SeedViT's width -- x
+    ``SHORT_RUN_LR`` for runs of hundreds of steps instead of the paper's 10^4-10^5, capped at
+    ``LR_CAP`` (lr_min scaled by the same factor)."""
+    out = []
+    for s in stages:
+        mult = REFERENCE_WIDTH / vit.width * SHORT_RUN_LR
+        lr_max = min(s.lr_max * mult, LR_CAP)
+        out.append(replace(s, lr_max=lr_max, lr_min=s.lr_min * lr_max / s.lr_max))
+    return tuple(out)
+
+
+def vit_config_of(preset: str) -> ViTConfig:
+    cfg = get_preset(preset)
+    if isinstance(cfg, VLMConfig):
+        return cfg.vit
+    if isinstance(cfg, ViTConfig):
+        return cfg
+    raise ValueError(f"preset {preset!r} has no ViT (pick a seedvl-* or a ViT preset)")
+
+
+class ViTRun:
+    """A run of the ViT pre-training stages of ``cfg.recipe``."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        validate(cfg)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SetupError("ViT pre-training runs in one process; launch it without torchrun")
+        self.cfg = cfg
+        self.out = prepare_out_dir(cfg)
+        logs.setup_logging(self.out)
+        self.device = _device(cfg.device)
+        try:
+            self.vit_cfg = vit_config_of(cfg.preset)
+            stages = get_recipe(cfg.recipe)
+            if not all(is_vit_stage(s.name) for s in stages):
+                raise ValueError(f"recipe {cfg.recipe!r}: ViTRun runs ViT stages only")
+            stages = with_steps(scale_vit_stages(stages, self.vit_cfg), cfg.steps, cfg.tokens)
+            self.stages = apply_overrides(stages, cfg.overrides)
+            self.targets = load_targets(cfg.teacher, self.device) if "vit_mim" in self._names else None
+        except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
+            raise SetupError(str(err)[1:-1] if isinstance(err, KeyError) else str(err)) from err
+        if cfg.deterministic is not False and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        self.tok = CaptionTokenizer()
+        target_dim = self.targets.feature_dim if self.targets is not None else 108
+        self.model = SeedViTPretrain(PretrainConfig(self.vit_cfg, self.tok.vocab_size, target_dim)).to(
+            self.device
+        )
+        t0 = time.time()
+        if cfg.data == "spatial":
+            self.images = ImageBank.scenes(cfg.seed, IMAGE_BANK, max_pixels=cfg.max_pixels)
+        else:
+            self.images = ImageBank.manifest(cfg.data, cfg.max_pixels)
+        video = "vit_video" in self._names
+        self.videos = VideoBank.clips(cfg.seed, VIDEO_BANK) if video else None
+        self.sets = (
+            zeroshot.build_sets(cfg.seed, ZERO_SHOT_PER_CLASS, video=video) if cfg.eval_samples else {}
+        )
+        rng = np.random.default_rng([cfg.seed, 3001])
+        draws = rng.integers(len(self.images.items), size=IDF_CAPTIONS)
+        self.idf = idf_weights(pack_text([self.images.caption(int(i), rng) for i in draws], self.tok).bags)
+        log.info(
+            "data: %d images%s, %d held-out zero-shot examples, built in %.1f s",
+            len(self.images.items), f", {len(self.videos.items)} clips" if video else "",
+            sum(len(s.labels) for s in self.sets.values()), time.time() - t0,
+        )  # fmt: skip
+        self.ckpt = Checkpointer(self.out / "checkpoints", cfg.keep)
+        self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "tokens": 0}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self._hog: dict[int, torch.Tensor] = {}
+        if cfg.resume:
+            self._resume()
+
+    @property
+    def _names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def _signature(self) -> dict:
+        return {
+            "preset": self.cfg.preset, "data": self.cfg.data, "seed": self.cfg.seed,
+            "teacher": str(self.cfg.teacher), "stages": [dataclasses.asdict(s) for s in self.stages],
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ stages
+
+    def _enter(self, index: int) -> None:
+        stage = self.stages[index]
+        parts = TRAINS[stage.name]
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in parts)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, stage.weight_decay), lr=stage.lr_max, betas=stage.betas, eps=1e-8
+        )
+        self.scheduler = stage_scheduler(self.optimizer, stage)
+
+    def _resume(self) -> None:
+        path = self.ckpt.latest_good()
+        if path is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.ckpt.root)
+            return
+        meta = Checkpointer.read_meta(path)
+        if json.loads(json.dumps(self._signature())) != meta["run"]:
+            raise SetupError(f"--resume: {path} was written by another configuration; use its config.toml")
+        self._enter(meta["stage_index"])
+        meta = Checkpointer.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.state = {k: meta[k] for k in self.state}
+        log.info("resumed from %s: step %d", path, self.state["global_step"])
+
+    def _save(self) -> Path:
+        meta = {
+            **self.state, "stage": self.stages[self.state["stage_index"]].name,
+            "scheduler": self.scheduler.state_dict(), "run": self._signature(), "config": as_dict(self.cfg),
+        }  # fmt: skip
+        return self.ckpt.save(self.state["global_step"], self.model, self.optimizer, meta)
+
+    # ------------------------------------------------------------------ steps
+
+    def _step(self, stage: Stage) -> dict:
+        rng = np.random.default_rng([self.cfg.seed, self.state["stage_index"], self.state["stage_step"]])
+        dev = self.device
+        parts: dict[str, float] = {}
+        if stage.name == "vit_mim":
+            idx = self.images.draw(rng, stage.seq_len)
+            packed = pack_images([self.images.items[i].patches for i in idx])
+            target = self._mim_targets(idx, packed).to(dev)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            keep, masked, cu_keep, max_keep = mask_packed(packed.cu_seqlens, MASK_RATIO, gen)
+            patches, pos, cu = packed.patches.to(dev), packed.pos_hw.to(dev), packed.cu_seqlens.to(dev)
+            keep = keep.to(dev)
+            enc = self.model.vit(patches[keep], pos[keep], cu_keep.to(dev), max_keep)
+            pred = self.model.mim(enc, keep, pos, cu, packed.max_seqlen)
+            loss = mim_loss(pred, target, masked.to(dev))
+            tokens, count = packed.patches.shape[0], len(idx)
+        elif stage.name == "vit_contrastive":
+            sig, sc, tokens, count = self._pairs(rng, stage.seq_len, video=False)
+            loss = sig + SUPERCLASS_WEIGHT * sc
+            parts = {"siglip": sig.item(), "superclass": sc.item()}
+        else:
+            # Clips, and image-text pairs beside them, so that the image side keeps its alignment
+            # (the paper's stage has many more image-text pairs before it than this short run).
+            image_budget = round(stage.seq_len * VIDEO_IMAGE_SHARE)
+            sig, sc, tokens, count = self._pairs(rng, stage.seq_len - image_budget, video=True)
+            isig, isc, itokens, _ = self._pairs(rng, image_budget, video=False)
+            loss = sig + SUPERCLASS_WEIGHT * sc + isig + SUPERCLASS_WEIGHT * isc
+            tokens += itokens
+            parts = {"siglip": sig.item(), "superclass": sc.item(), "image_siglip": isig.item()}
+        if stage.name != "vit_mim":
+            parts["logit_scale"] = self.model.logit_scale.exp().item()
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"step {self.state['global_step'] + 1} ({stage.name}): loss is {value}")
+        self.state["global_step"] += 1
+        self.state["stage_step"] += 1
+        self.state["tokens"] += tokens
+        return {
+            "step": self.state["global_step"], "stage": stage.name, "stage_step": self.state["stage_step"],
+            "loss": value, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "images": count,
+            **parts,
+        }  # fmt: skip
+
+    def _mim_targets(self, idx: list[int], packed) -> torch.Tensor:
+        """The teacher's features of the packed images, or their HOG (computed once per image)."""
+        if not isinstance(self.targets, HOGTargets):
+            return self.targets(packed)
+        for i in idx:
+            if i not in self._hog:
+                self._hog[i] = self.targets(pack_images([self.images.items[i].patches]))
+        return torch.cat([self._hog[i] for i in idx])
+
+    def _pairs(self, rng: np.random.Generator, budget: int, *, video: bool):
+        """(SigLIP loss, SuperClass loss, patches, pairs) of a batch of image- or clip-text pairs
+        within ``budget`` patches."""
+        dev = self.device
+        bank = self.videos if video else self.images
+        idx = bank.draw(rng, budget)
+        captions = [bank.caption(i, rng) for i in idx]
+        if video:
+            vb = pack_videos([self.videos.items[i] for i in idx])
+            f = vb.frames
+            x = self.model.encode_images(
+                f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen,
+                frame_times=vb.frame_times.to(dev), cu_videos=vb.cu_videos.to(dev), max_video=vb.max_video,
+            )  # fmt: skip
+        else:
+            f = pack_images([self.images.items[i].patches for i in idx])
+            x = self.model.encode_images(
+                f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen
+            )
+        text = pack_text(captions, self.tok)
+        t = self.model.encode_text(text.ids.to(dev), text.cu_seqlens.to(dev), text.max_seqlen)
+        positives = same_caption(captions).to(dev)
+        sig = siglip_loss(x, t, self.model.logit_scale, self.model.logit_bias, positives)
+        sc = superclass_loss(self.model.superclass(x), text.bags.to(dev), self.idf.to(dev))
+        return sig, sc, f.patches.shape[0], len(idx)
+
+    def _evaluate(self, runlog: logs.RunLog) -> tuple[dict, list] | None:
+        if not self.sets:
+            return None
+        scores, records = zeroshot.evaluate(self.model, self.sets, self.tok, self.device)
+        scalars = {f"eval/zero_shot/{k}": v["accuracy"] for k, v in scores.items()}
+        runlog.eval(self.state["global_step"], None, scores, scalars)
+        log.info(
+            "step %d zero-shot top-1 (chance): %s", self.state["global_step"],
+            ", ".join(f"{k} {v['accuracy']:.2f} ({v['baseline']:.2f})" for k, v in scores.items()),
+        )  # fmt: skip
+        return scores, records
+
+    def train(self) -> dict:
+        cfg, state = self.cfg, self.state
+        n = sum(p.numel() for p in self.model.vit.parameters())
+        log.info(
+            "ViT pre-training of %s's ViT (%.2fM parameters; heads %.2fM), recipe %s: %s; "
+            "MIM targets %s; out %s",
+            cfg.preset, n / 1e6, sum(p.numel() for p in self.model.parameters()) / 1e6 - n / 1e6, cfg.recipe,
+            ", ".join(f"{s.name} {s.steps} steps x {s.seq_len} patches, LR {s.lr_max:.2e}"
+                      for s in self.stages),
+            getattr(self.targets, "name", "-"), self.out,
+        )  # fmt: skip
+        (self.out / "config.toml").write_text(_dump(cfg))
+        runlog = logs.RunLog(
+            self.out, sum(s.steps for s in self.stages), state["global_step"],
+            progress=cfg.progress, tensorboard=cfg.tensorboard,
+        )  # fmt: skip
+        t_start = time.time()
+        final = None
+        try:
+            resumed = self.optimizer is not None
+            for index in range(state["stage_index"], len(self.stages)):
+                stage = self.stages[index]
+                if not (resumed and index == state["stage_index"]):
+                    state.update(stage_index=index, stage_step=0)
+                    self._enter(index)
+                resumed = False
+                while state["stage_step"] < stage.steps:
+                    t0 = time.time()
+                    record = self._step(stage)
+                    dt = max(time.time() - t0, 1e-9)
+                    record.update(step_s=dt, tok_per_s=record["tokens"] / dt)
+                    runlog.step(record)
+                    if state["stage_step"] == stage.steps or state["global_step"] % cfg.ckpt_every == 0:
+                        self._save()
+                    if (
+                        cfg.eval_every
+                        and stage.name != "vit_mim"
+                        and state["global_step"] % cfg.eval_every == 0
+                    ):
+                        self._evaluate(runlog)
+                runlog.event("stage_end", stage=stage.name, step=state["global_step"])
+            final = self._evaluate(runlog)
+        finally:
+            runlog.close()
+        return self._finish(time.time() - t_start, final)
+
+    def _finish(self, wall_s: float, final: tuple[dict, list] | None) -> dict:
+        records = logs.read_steps(self.out / "log.jsonl")
+        latest = self.ckpt.latest()
+        summary = {
+            "out": str(self.out), "wall_s": round(wall_s, 1), "steps": self.state["global_step"],
+            "tokens": self.state["tokens"], "stages": logs.stage_summary(records), "skipped": {},
+            "checkpoint": str(latest) if latest else None, "mim_targets": getattr(self.targets, "name", None),
+        }  # fmt: skip
+        png = logs.plot_losses(
+            records, self.out / "loss.png", logs.read_events(self.out / "log.jsonl", "eval")
+        )
+        summary["loss_plot"] = str(png) if png else None
+        if final is not None:
+            scores, eval_records = final
+            summary["eval"] = scores
+            summary["zero_shot"] = {
+                k: {"top1": v["accuracy"], "chance": v["baseline"],
+                    "above_chance": v["accuracy"] - v["baseline"], "total": v["total"]}
+                for k, v in scores.items() if k != "all"
+            }  # fmt: skip
+            title = f"step {self.state['global_step']}: zero-shot classification of held-out scenes"
+            summary["gallery"] = str(write_gallery(eval_records, self.out / "eval_gallery.png", title=title))
+        summary["seedvit"] = str(
+            save_pretrained_vit(
+                self.model.vit, self.out, recipe=self.cfg.recipe, zero_shot=summary.get("zero_shot")
+            )
+        )
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+def _dump(cfg: RunConfig) -> str:
+    from ..config import dump_toml
+
+    return dump_toml(cfg)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(ViT stages' overrides, the VLM stages'); ``*.field`` goes to both."""
+    vit, vlm = [], []
+    for item in overrides:
+        target = item.partition("=")[0].partition(".")[0]
+        if target == "*" or is_vit_stage(target):
+            vit.append(item)
+        if target == "*" or not is_vit_stage(target):
+            vlm.append(item)
+    return vit, vlm
+
+
+def train_recipe(cfg: RunConfig, train_vlm) -> dict:
+    """Run ``cfg.recipe`` when it holds ViT stages: only those (``--recipe vit``), or those and then
+    the VLM stages through ``train_vlm`` from the pre-trained ViT (``--recipe full``: the ViT run
+    is ``<out>/vit_pretrain``; ``--steps``/``--tokens`` scale the VLM stages, ``--set vit_*.steps=N``
+    the ViT ones)."""
+    try:
+        names = [s.name for s in get_recipe(cfg.recipe)]
+    except KeyError as err:
+        raise SetupError(str(err)[1:-1]) from err
+    vit = [n for n in names if is_vit_stage(n)]
+    rest = [n for n in names if not is_vit_stage(n)]
+    if names[: len(vit)] != vit:
+        raise SetupError(
+            f"recipe {cfg.recipe!r}: the ViT stages ({', '.join(vit)}) must come before the VLM stages"
+        )
+    if not rest:
+        return ViTRun(cfg).train()
+    if cfg.vit_init is not None:
+        raise SetupError(f"--vit-init with recipe {cfg.recipe!r}: the recipe pre-trains its own ViT")
+    out = cfg.out if cfg.out is not None else Path("runs") / f"{cfg.recipe.replace(',', '+')}-{cfg.preset}"
+    vit_overrides, vlm_overrides = _split_overrides(cfg.overrides)
+    vit_cfg = replace(cfg, recipe=",".join(vit), out=out / "vit_pretrain", steps=None, tokens=None,
+                      overrides=vit_overrides)  # fmt: skip
+    done = out / "vit_pretrain" / "summary.json"
+    if cfg.resume and done.is_file():
+        vit_summary = json.loads(done.read_text())
+        log.info("ViT pre-training already done in %s", vit_cfg.out)
+    else:
+        vit_summary = ViTRun(vit_cfg).train()
+    vlm_cfg = replace(cfg, recipe=",".join(rest), out=out, overrides=vlm_overrides, vit_init=vit_cfg.out)
+    summary = train_vlm(vlm_cfg)
+    if summary:
+        summary["vit_pretrain"] = {
+            k: vit_summary.get(k) for k in ("out", "wall_s", "steps", "zero_shot", "seedvit")
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+__all__ = ["ViTRun", "is_vit_stage", "scale_vit_stages", "train_recipe"]

@@ -1,0 +1,195 @@
+"""Losses of the ViT pre-training stages, masking under packing, and HOG targets.
+
+MIM (stage ``vit_mim``):
+    keep, masked = mask_packed(cu_seqlens, 0.75)  per image, round(25%) of its patches kept (>= 1)
+    loss = mean over masked patches p of 1 - cos(prediction_p, target_p)
+  The targets are a frozen teacher's patch features or, without a teacher, HOG (:func:`hog`):
+  MaskFeat's histograms of oriented gradients, here per 14x14 patch: 2x2 cells of 7x7 px, 9
+  unsigned orientation bins weighted by gradient magnitude, per colour channel (108 values), the
+  patch's vector L2-normalised. MaskFeat regresses HOG with an L2 loss; on L2-normalised targets
+  the cosine loss used for the teacher differs from it only by the prediction's scale.
+
+SigLIP (Zhai et al. 2023), image embeddings x_i and text embeddings y_j L2-normalised:
+    logits_ij = exp(t) x_i . y_j + b,   z_ij = +1 for a matching pair, else -1
+    loss = -(1/N) sum_ij log sigmoid(z_ij logits_ij)          (N images in the global batch)
+  The matching pairs are the diagonal and every pair whose captions are the same text (short
+  captions such as "a cube" repeat within a batch; they are not negatives of each other).
+
+SuperClass (Huang et al. 2024): the image embedding classifies its caption's bag of subwords:
+    w_c = idf_c * bag_ic / sum_c' (idf_c' * bag_ic'),   loss_i = -sum_c w_c log softmax(logits_i)_c
+  averaged over images; idf_c = log(D / (1 + df_c)) from the caption bank's document frequencies.
+
+Batch and negatives under data parallelism: every rank embeds its own share of the step's images
+and captions, and :func:`gather_embeddings` all-gathers both (with gradients flowing back to the
+rank that made each row), so every image is scored against every caption of the global batch:
+N^2 pairs for N images over all ranks, whatever the layout. In one process it is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+HOG_BINS = 9
+HOG_CELL = 7
+
+
+def mask_packed(
+    cu_seqlens: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Random masking of each image of a packed batch.
+
+    Args:
+        cu_seqlens: (B+1,) int32 image boundaries of the packed patches (CPU).
+        ratio: fraction of each image's patches to mask, in [0, 1).
+    Returns:
+        keep_idx (Tk,) int64 and mask_idx (Tm,) int64, rows of the packed batch in increasing order
+        (so the kept patches of an image stay together, in their order); the kept patches'
+        cu_seqlens (B+1,) int32 and their longest image (host int). Image i keeps
+        max(1, round((1 - ratio) * n_i)) of its n_i patches (none of an empty image).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio: expected a fraction in [0, 1), got {ratio}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens: expected (B+1,) int32, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    lengths = cu_seqlens.diff().long()
+    total = int(cu_seqlens[-1])
+    n_keep = torch.where(lengths > 0, ((1.0 - ratio) * lengths.double()).round().long().clamp(min=1), 0)
+    image = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
+    # Sorting by image id + a uniform draw shuffles each image's patches without leaving it.
+    order = torch.argsort(image.double() + torch.rand(total, generator=generator, dtype=torch.float64))
+    rank = torch.empty(total, dtype=torch.long)
+    rank[order] = torch.arange(total) - cu_seqlens.long()[image[order]]
+    keep = rank < n_keep[image]
+    cu_keep = torch.zeros_like(cu_seqlens)
+    cu_keep[1:] = n_keep.cumsum(0).to(torch.int32)
+    return (
+        keep.nonzero().squeeze(1),
+        (~keep).nonzero().squeeze(1),
+        cu_keep,
+        int(n_keep.max()) if n_keep.numel() else 0,
+    )
+
+
+def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask_idx: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(pred, target) over the rows ``mask_idx``; 0 when nothing is masked."""
+    if mask_idx.numel() == 0:
+        return pred.sum() * 0.0
+    cos = F.cosine_similarity(pred[mask_idx].float(), target[mask_idx].float(), dim=-1, eps=1e-6)
+    return (1.0 - cos).mean()
+
+
+def hog(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tensor:
+    """(T, patch*patch*channels) patches in (row, col, channel) order -> (T, 108) L2-normalised HOG.
+
+    Gradients are central differences inside each patch (edges replicated), so a patch's target
+    depends on its own pixels only and packing order does not matter.
+    """
+    if patches.ndim != 2 or patches.shape[1] != patch * patch * channels:
+        raise ValueError(f"patches: expected (T, {patch * patch * channels}), got {tuple(patches.shape)}")
+    if patch % HOG_CELL:
+        raise ValueError(f"patch: expected a multiple of the {HOG_CELL}-px cell, got {patch}")
+    T = patches.shape[0]
+    x = patches.float().view(T, patch, patch, channels).permute(0, 3, 1, 2)  # (T, c, p, p)
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = (x[..., 1:-1, 2:] - x[..., 1:-1, :-2]) / 2
+    gy = (x[..., 2:, 1:-1] - x[..., :-2, 1:-1]) / 2
+    mag = torch.sqrt(gx * gx + gy * gy)
+    angle = torch.atan2(gy, gx) % math.pi  # unsigned orientation in [0, pi)
+    pos = angle / math.pi * HOG_BINS - 0.5  # soft binning between the two nearest bin centres
+    lo = torch.floor(pos)
+    frac = pos - lo
+    cells = patch // HOG_CELL
+    hist = torch.zeros(T, channels, cells, cells, HOG_BINS)
+    cell_r = (torch.arange(patch) // HOG_CELL).view(1, 1, patch, 1).expand_as(mag)
+    cell_c = (torch.arange(patch) // HOG_CELL).view(1, 1, 1, patch).expand_as(mag)
+    flat = hist.view(-1)
+    base = (
+        torch.arange(T).view(T, 1, 1, 1) * channels + torch.arange(channels).view(1, channels, 1, 1)
+    ) * cells * cells + cell_r * cells + cell_c  # fmt: skip
+    for b, w in ((lo % HOG_BINS, 1.0 - frac), ((lo + 1) % HOG_BINS, frac)):
+        flat.index_add_(0, (base * HOG_BINS + b.long()).reshape(-1), (mag * w).reshape(-1))
+    out = hist.view(T, -1)
+    return out / out.norm(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid loss of (N, E) image and (N, E) text embeddings (normalised here); ``positives``
+    (N, N) bool marks the matching pairs (default: the diagonal). Sum over pairs / N."""
+    if image.shape != text.shape or image.ndim != 2:
+        raise ValueError(
+            f"image, text: expected equal (N, E) shapes, got {tuple(image.shape)}, {tuple(text.shape)}"
+        )
+    n = image.shape[0]
+    x, y = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    logits = logit_scale.float().exp() * x @ y.t() + logit_bias.float()
+    if positives is None:
+        positives = torch.eye(n, dtype=torch.bool, device=image.device)
+    z = positives.float() * 2 - 1
+    return -F.logsigmoid(z * logits).sum() / max(n, 1)
+
+
+def same_caption(captions: list[str]) -> torch.Tensor:
+    """(N, N) bool: captions i and j are the same text (the diagonal included)."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    key = torch.tensor([ids[c] for c in captions])
+    return key[:, None] == key[None, :]
+
+
+def superclass_loss(logits: torch.Tensor, bags: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits against (N, V) multi-hot caption bags weighted by idf (V,): the mean over
+    captions of the cross-entropy to the normalised weighted bag. A caption whose ids all have
+    zero weight contributes nothing."""
+    if logits.shape != bags.shape or idf.shape != logits.shape[1:]:
+        raise ValueError(
+            f"logits, bags, idf: expected (N, V), (N, V), (V,), got {tuple(logits.shape)}, "
+            f"{tuple(bags.shape)}, {tuple(idf.shape)}"
+        )
+    w = bags.float() * idf.float()
+    total = w.sum(1, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp(min=1e-12), 0.0)
+    return -(w * F.log_softmax(logits.float(), dim=-1)).sum(1).mean()
+
+
+def idf_weights(bags: torch.Tensor) -> torch.Tensor:
+    """(D, V) multi-hot bags of D captions -> (V,) idf_c = max(0, log(D / (1 + df_c)))."""
+    df = bags.float().sum(0)
+    return torch.log(bags.shape[0] / (1.0 + df)).clamp(min=0.0)
+
+
+def gather_embeddings(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of ``x`` (N_r, E), rank by rank, with gradients back to their rank; the
+    identity in one process. Every rank must call it, with the same E."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    most = int(max(s.item() for s in sizes))
+    padded = F.pad(x, (0, 0, 0, most - x.shape[0]))
+    parts = all_gather(padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+__all__ = [
+    "gather_embeddings",
+    "hog",
+    "idf_weights",
+    "mask_packed",
+    "mim_loss",
+    "same_caption",
+    "siglip_loss",
+    "superclass_loss",
+]
