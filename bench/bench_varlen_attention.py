@@ -2,7 +2,8 @@
 
 Cases: 16k-token packs (SEEDVIT_TOKENS[1]) of Seed-ViT attention (20 heads, head dim 64, 2D RoPE,
 bf16): uniform 1k-, 4k- and 16k-token images, a realistic mix of native-resolution images, and
-64-token windows; plus one causal GQA LLM pack (head dim 128). Useful FLOPs: forward
+64-token windows; the 1k-image pack at Qwen2-VL's ViT shape (16 heads, head dim 80: the split head
+dim); plus one causal GQA LLM pack (head dim 128). Useful FLOPs: forward
 4 * N * H * D with N = sum of visible (query, key) pairs (sum_b L_b^2 non-causal), backward 2.5x that
 (recomputation not counted). "bwd" times the backward alone (the forward's graph is kept).
 
@@ -62,6 +63,7 @@ if ON_GPU:
         "16k_image": [(128, 128)],
         "mix": _MIX,
         "64_token_windows": [(8, 8)] * (_PACK // 64),
+        "1k_images_d80": [(32, 32)] * (_PACK // 1024),
     }
     LLM_CASES = {"llm_causal_gqa": ([2048] * 6 + [1024, 512, 256, 256], 32, 4, 128)}  # docs, Hq, Hkv, D
     DTYPE = torch.bfloat16
@@ -69,6 +71,9 @@ else:
     VIT_CASES = {"tiny_mix": [(4, 4), (2, 3), (1, 1), (5, 2)]}
     LLM_CASES = {"tiny_causal": ([9, 3, 14], 2, 1, TINY_VIT_HEAD_DIM)}
     DTYPE = torch.float32
+# (heads, head dim) of the ViT cases that are not Seed-ViT's: Qwen2-VL's ViT, 16 heads x 80 (width
+# 1280), a head dim between powers of 2 that the kernels split into 64 + 16 columns.
+VIT_HEAD_SHAPES = {"1k_images_d80": (16, 80)}
 CASES = [*VIT_CASES, *LLM_CASES]
 
 
@@ -79,7 +84,8 @@ def _pack(case: str, device: torch.device):
         sizes = VIT_CASES[case]
         lengths = [h * w for h, w in sizes]
         heads = SEEDVIT_HEADS if ON_GPU else TINY_VIT_HEADS
-        hq, hkv, d, causal = heads, heads, SEEDVIT_HEAD_DIM if ON_GPU else TINY_VIT_HEAD_DIM, False
+        heads, d = VIT_HEAD_SHAPES.get(case, (heads, SEEDVIT_HEAD_DIM if ON_GPU else TINY_VIT_HEAD_DIM))
+        hq, hkv, causal = heads, heads, False
         grids = [
             torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1) for h, w in sizes
         ]

@@ -70,7 +70,7 @@ INT32_POINTERS = frozenset(
 )  # fmt: skip
 FP32_POINTERS = frozenset(
     {
-        "lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "inv_freq_ptr",  # varlen_attention, rope_2d
+        "lse_ptr", "dlse_ptr", "lse2_ptr", "delta_ptr", "inv_freq_ptr", "cs_ptr",  # varlen_attention, rope_2d
         "row_scale_ptr", "c_scale_ptr", "scale_ptr", "part_ptr",  # gate weights, partial sums
         "sum_out_ptr", "sum_a_ptr",  # pool_adapter's bias-gradient partials
     }
@@ -213,7 +213,7 @@ def attention_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterat
             bm, bn = getattr(tiles, m), getattr(tiles, n)
             consts = vat._kernel_args(d, rope, causal, bm, bn, dtype)
             if name == "fwd":
-                consts["ROPE_ROWS"] = min(32, bm)
+                consts["ROPE_ROWS"] = min(tiles.rope_rows, bm)
             pointers = {p: "*fp32" for p in ((outs,) if isinstance(outs, str) else outs)} if fp32_out else {}
             if fp32_out and name == "fwd" and not rope:
                 pointers["q_rot_ptr"] = "*fp32"  # the launcher passes out as the unused rotated-q pointer
@@ -271,13 +271,17 @@ def attention_aux_launches() -> Iterator[Launch]:
 def _rope_2d(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
     from seedvl_kernels.rope_2d import _rope_2d_fwd_kernel
 
+    # (inverse, write the cos/sin table): rope_2d's forward and backward, and the rotation of k that
+    # also writes varlen_attention's table
     for d in (64,) if quick else (64, 80, 128):
-        for inverse in (False, True):
+        for inverse, cs in ((False, False), (True, False), (False, True)):
             consts = dict(
-                QUARTER=d // 4, INVERSE=inverse, BLOCK_T=16, BLOCK_HALF=triton.next_power_of_2(d // 2)
-            )
+                QUARTER=d // 4, INVERSE=inverse, BLOCK_T=16, BLOCK_HALF=triton.next_power_of_2(d // 2),
+                WRITE_CS=cs,
+            )  # fmt: skip
+            label = f"D={d} inverse={inverse:d}" + (" + cos/sin table" if cs else "")
             yield Launch(
-                "rope_2d", f"D={d} inverse={inverse:d}", _rope_2d_fwd_kernel, consts, 4, 1,
+                "rope_2d", label, _rope_2d_fwd_kernel, consts, 4, 1,
                 unaligned=frozenset({"stride_pos_t", "stride_pos_c"}), dot=False, loop=False,
             )  # fmt: skip
 

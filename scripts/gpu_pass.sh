@@ -147,7 +147,10 @@ stage_tests() {
 }
 
 # Curated rows: each op's own implementations (peers' times enter as ratios, not rows of their own).
+# 1k_images also selects 1k_images_d80 (issue 19: head dim 80 split into 64 + 16 columns); the
+# no-RoPE forward beside it prices the fused RoPE (issue 19: sin/cos from the per-token table).
 CURATED_K="(varlen_attention and (1k_images or llm_causal_gqa) and triton and not no_rope)"
+CURATED_K+=" or (varlen_attention and 1k_images and not d80 and triton_no_rope and fwd)"
 CURATED_K+=" or (moe_layer and 235b and 16384 and (balanced or zipf) and fwd_bwd and (triton or cuda))"
 CURATED_K+=" or (pool_adapter and 16384 and 4096 and (triton or cuda))"
 CURATED_K+=" or (rope_2d and 65536 and bfloat16 and (triton or cuda))"

@@ -24,6 +24,12 @@ but pos_hw is saved.
 
 Cost: one read and one write of x, 2 * T * H * D * itemsize bytes; the sin/cos of a token are
 computed once and shared by its H heads.
+
+The Triton kernel can also write those sin/cos out, as a per-token table cs (T, 2, D/2) fp32 (cs[t, 0]
+the cosines, cs[t, 1] the sines of angle_0..angle_(D/2-1); both halves of a head rotate by the same
+D/2 angles), 4 * T * D bytes (``cos_sin_table``). varlen_attention's fused RoPE reads it instead of
+evaluating sin/cos in every (tile, head) program: each angle is then computed once per call, not
+once per head, bit for bit the value rope_2d uses.
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ def rope_2d_ref(
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def cos_sin_table_ref(pos_hw: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """(T, 2, D/2) fp32: cos and sin of each token's angles (the table of ``cos_sin_table``)."""
+    angle = rope_2d_angles(pos_hw, head_dim, theta)
+    return torch.stack([angle.cos(), angle.sin()], dim=1)
+
+
 # ----------------------------------------------------------------------------- Triton kernel
 
 
@@ -85,6 +97,7 @@ def _rope_2d_fwd_kernel(
     out_ptr,
     pos_ptr,
     inv_freq_ptr,
+    cs_ptr,
     T,
     H,
     stride_x_t,
@@ -97,8 +110,10 @@ def _rope_2d_fwd_kernel(
     INVERSE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    WRITE_CS: tl.constexpr,
 ):
-    # One program rotates BLOCK_T tokens across all heads, computing their sin/cos once.
+    # One program rotates BLOCK_T tokens across all heads, computing their sin/cos once (and, with
+    # WRITE_CS, stores them in the (T, 2, D/2) table; H may then be 0: the table alone).
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_i = tl.arange(0, BLOCK_HALF)
     mask_t = offs_t < T
@@ -111,6 +126,10 @@ def _rope_2d_fwd_kernel(
     angle = tl.where(is_row[None, :], row[:, None], col[:, None]) * f[None, :]
     cos = tl.cos(angle)
     sin = tl.sin(angle)
+    if WRITE_CS:
+        cs = cs_ptr + offs_t[:, None].to(tl.int64) * (4 * QUARTER) + offs_i[None, :]
+        tl.store(cs, cos, mask=mask)
+        tl.store(cs + 2 * QUARTER, sin, mask=mask)
     if INVERSE:
         sin = -sin
     x_base = x_ptr + offs_t[:, None].to(tl.int64) * stride_x_t + offs_i[None, :]
@@ -134,10 +153,16 @@ def _launch_ref(
 
 
 def _launch_triton(
-    x: torch.Tensor, pos_hw: torch.Tensor, out: torch.Tensor, theta: float, inverse: bool
+    x: torch.Tensor,
+    pos_hw: torch.Tensor,
+    out: torch.Tensor,
+    theta: float,
+    inverse: bool,
+    cs: torch.Tensor | None = None,
 ) -> None:
+    """out = rope_2d(x); with ``cs`` ((T, 2, D/2) fp32) also the sin/cos table, in the same launch."""
     T, H, D = x.shape
-    if T == 0 or H == 0:
+    if T == 0 or (H == 0 and cs is None):
         return
     block_t = 16
     _rope_2d_fwd_kernel[(triton.cdiv(T, block_t),)](
@@ -145,6 +170,7 @@ def _launch_triton(
         out,
         pos_hw,
         inv_freq(D, theta, x.device),
+        out if cs is None else cs,
         T,
         H,
         x.stride(0),
@@ -157,7 +183,27 @@ def _launch_triton(
         INVERSE=inverse,
         BLOCK_T=block_t,
         BLOCK_HALF=triton.next_power_of_2(D // 2),
+        WRITE_CS=cs is not None,
     )
+
+
+def cos_sin_table(
+    pos_hw: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    *,
+    x: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(T, 2, D/2) fp32 cos and sin of each token's angles, from the Triton kernel (cos_sin_table_ref
+    is the spec); with ``x`` and ``out`` it also writes rope_2d(x) into ``out`` in the same launch.
+    For fused kernels (varlen_attention): no validation beyond what its callers did."""
+    T = pos_hw.shape[0]
+    cs = torch.empty((T, 2, head_dim // 2), dtype=torch.float32, device=pos_hw.device)
+    if x is None:
+        x = out = torch.empty((T, 0, head_dim), dtype=torch.float32, device=pos_hw.device)
+    _launch_triton(x, pos_hw, out, theta, False, cs)
+    return cs
 
 
 def _launch_cuda(

@@ -38,19 +38,33 @@ cache, each column's rotation partner, rotates in fp32 32 rows at a time (few li
 main loop keeps its occupancy), rounds to the input dtype as rope_2d would, writes the rotated q out
 and reads its tile back (L2-hot) for the dot products. The autograd saves the rotated q and k, so the
 backward never rotates on load; dQ and dK are rotated back (the adjoint) in registers by the programs
-that store them, with sin/cos computed once per program from pos_hw, never per inner iteration. With
+that store them. No attention program evaluates sin or cos: the launch that rotates k also writes
+each token's cos/sin, (T, 2, D/2) fp32 (rope_2d.cos_sin_table: D/2 angles, shared by the two halves
+of a head and by every head), and the programs read their rows of it (the backward rebuilds the table
+in one small launch rather than keeping it alive between the passes). Evaluated per (tile, head)
+program instead, the accurate sin/cos ran Hq times per token (20 for SeedViT) over the full tile
+width, with a local-memory argument reduction (profiles/varlen_attention_rope_table.md). With
 RoPE the head dim sits in a "halves" column order: columns [0, BH) hold dims [0, D/2) and [BH, 2BH)
 dims [D/2, D) (BH = next power of 2 of D/2; the natural order when D/2 is a power of 2), so that a
 rotation pairs column c with c +- BH (a register split/join); dot products do not care about order.
+
+Head dims that are not a power of 2 (72: SigLIP's ViT, 80: Qwen2-VL's) are not padded to the next
+power of 2: every kernel splits the head dim into two column pieces (split_d: 64 + 16 for 72 and 80,
+a 128-wide block before), each a dot of its own (S = Q_a K_a^T + Q_b K_b^T, O_a = P V_a, O_b = P V_b,
+and likewise in the backward), so the tensor cores run 80 columns, not 128: 37.5% less MMA work
+(profiles/varlen_attention_head_dim_split.md). With RoPE each piece is itself two halves, so that
+the backward's inverse rotation pairs stay inside a piece.
 
 Memory traffic of RoPE, per layer (E = itemsize, N_q = T*Hq*D, N_k = Tk*Hkv*D):
   unfused (rope_2d on q and k, attention, autograd through rope_2d):
     forward  2*(N_q + N_k)*E in two extra kernels (read + write q and k)
     backward 2*(N_q + N_k)*E in two extra kernels (rotate dq and dk back)
   fused here:
-    forward  2*N_k*E in one extra kernel (rotate k) + N_q*E written (and re-read from L2) inside the
-             attention kernel, where it overlaps with compute
-    backward 0 (the inverse rotation happens in the dQ/dK kernels' registers)
+    forward  2*N_k*E in one extra kernel (rotate k, which also writes the 4*T*D-byte cos/sin table)
+             + N_q*E written (and re-read from L2) inside the attention kernel, where it overlaps
+             with compute
+    backward 4*T*D bytes (the table, rebuilt); the inverse rotation happens in the dQ/dK kernels'
+             registers
 The rotated q and k are saved instead of the inputs (the same size); if q, k, v are views of one
 fused qkv tensor, that tensor stays alive through v.
 """
@@ -66,8 +80,7 @@ import torch
 import triton
 
 from . import _backends
-from .rope_2d import _launch_triton as _rope_2d_triton
-from .rope_2d import inv_freq as _inv_freq
+from .rope_2d import cos_sin_table
 from .varlen_attention_triton_bwd import (
     _varlen_attention_bwd_dkdv_kernel,
     _varlen_attention_bwd_dq_kernel,
@@ -89,7 +102,8 @@ class Tiles:
     """Tile sizes of the three attention kernels; num_warps/num_stages are autotuned per kernel.
 
     fwd_m x fwd_n: query rows per forward program x keys per step. dq_m x dq_n: the same for dQ.
-    dkdv_n x dkdv_m: key rows per dK/dV program x query rows per step.
+    dkdv_n x dkdv_m: key rows per dK/dV program x query rows per step. rope_rows: query rows the
+    forward rotates at a time (fewer live registers than rotating the whole tile).
     """
 
     fwd_m: int
@@ -98,6 +112,7 @@ class Tiles:
     dq_n: int
     dkdv_m: int
     dkdv_n: int
+    rope_rows: int = 32
 
 
 def tiles_for(device: torch.device, head_dim: int, max_seqlen_q: int, max_seqlen_k: int) -> Tiles:
@@ -109,7 +124,7 @@ def tiles_for(device: torch.device, head_dim: int, max_seqlen_q: int, max_seqlen
     enough that test sequences span several blocks and partial ones."""
     if device.type != "cuda":
         t = 16 if max(max_seqlen_q, max_seqlen_k) < 64 else 32
-        return Tiles(t, t, t, t, t, t)
+        return Tiles(t, t, t, t, t, t, rope_rows=16)
     short_q, short_k = max_seqlen_q <= 64, max_seqlen_k <= 64
     big_m = 64 if short_q else 128
     big_n = 64 if short_k or head_dim > 64 else 128
@@ -120,6 +135,7 @@ def tiles_for(device: torch.device, head_dim: int, max_seqlen_q: int, max_seqlen
         dq_n=32,
         dkdv_m=32,
         dkdv_n=big_n,
+        rope_rows=32,
     )
 
 
@@ -178,12 +194,36 @@ def _check(head_dim: int, softmax_scale: float) -> None:
         raise ValueError(f"softmax_scale: the Triton kernels need a scale >= 0, got {softmax_scale}")
 
 
+def split_d(head_dim: int, rope: bool) -> tuple[int, int]:
+    """(BLOCK_DA, BLOCK_DB): the widths of the two column pieces the kernels split the head dim into,
+    or (BLOCK_D, 0) where one power-of-2 block is as narrow. Each piece is two halves (its rotation
+    pairs stay inside it with RoPE): halves of the largest power of 2 <= ceil(D/2), then halves of
+    the rest rounded up to a power of 2 >= 8 (a dot's K >= 16). D=72 and 80 run 64 + 16 = 80 columns
+    instead of 128, D=96 64 + 32, D=40 32 + 16 instead of 64."""
+    block_d = _block_d(head_dim, rope)
+    half = (head_dim + 1) // 2
+    if half < 8:
+        return block_d, 0
+    ha = 1 << (half.bit_length() - 1)
+    if ha == half:
+        return block_d, 0
+    hb = max(8, triton.next_power_of_2(half - ha))
+    if 2 * (ha + hb) >= block_d:
+        return block_d, 0
+    return 2 * ha, 2 * hb
+
+
 def _kernel_args(d: int, rope: bool, causal: bool, block_m: int, block_n: int, dtype: torch.dtype) -> dict:
     block_d = _block_d(d, rope)
+    block_da, block_db = split_d(d, rope)
     return dict(
         HEAD_DIM=d,
         BLOCK_D=block_d,
         EVEN_D=block_d == d,
+        BLOCK_DA=block_da,
+        BLOCK_DB=max(block_db, 16),  # a placeholder without a split (no tile of it is built)
+        SPLIT_D=block_db > 0,
+        EVEN_DB=block_da + block_db == d,
         ROPE=rope,
         CAUSAL=causal,
         BLOCK_M=block_m,
@@ -191,14 +231,6 @@ def _kernel_args(d: int, rope: bool, causal: bool, block_m: int, block_n: int, d
         PAD=PAD_ROWS,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32",  # fp32 inputs: exact products
     )
-
-
-def _pos_args(p, head_dim: int, dummy: torch.Tensor) -> tuple:
-    """pos_hw, inv_freq and pos_hw's strides (dummies without RoPE: the kernels never read them)."""
-    if p.pos_hw is None:
-        return dummy, dummy, 0, 0
-    inv_freq = _inv_freq(head_dim, p.rope_theta, p.pos_hw.device)
-    return p.pos_hw, inv_freq, p.pos_hw.stride(0), p.pos_hw.stride(1)
 
 
 def launch_fwd(
@@ -212,20 +244,19 @@ def launch_fwd(
         return
     rope = p.pos_hw is not None
     tiles = tiles_for(q.device, D, p.max_seqlen_q, p.max_seqlen_k)
-    if rope:
-        _rope_2d_triton(k, p.pos_hw, k_rot, p.rope_theta, False)
+    cs = q  # a dummy without RoPE (never read)
+    if rope:  # k rotated and the per-token sin/cos table written, in one launch
+        cs = cos_sin_table(p.pos_hw, D, p.rope_theta, x=k, out=k_rot)
         k = k_rot
-    pos, inv_freq, stride_pos_t, stride_pos_c = _pos_args(p, D, q)
     (sched,) = _schedules([(p.cu_seqlens_q, p.cu_seqlens_k, T, p.max_seqlen_q, tiles.fwd_m)])
     q_rot_ = q_rot if rope else out
     grid = (sched.num_table * Hq + triton.cdiv(T, PAD_ROWS),)
     _varlen_attention_fwd_kernel[grid](
-        q, k, v, out, lse, q_rot_, sched.records, sched.table, p.cu_seqlens_q, pos, inv_freq,
+        q, k, v, out, lse, q_rot_, sched.records, sched.table, p.cu_seqlens_q, cs,
         p.cu_seqlens_q.numel() - 1, sched.num_table, T, Hq, Hq // Hkv, p.softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), q_rot_.stride(0), q_rot_.stride(1),
-        stride_pos_t, stride_pos_c,
-        ROPE_ROWS=min(16 if _backends.triton_interpret() else 32, tiles.fwd_m),
+        ROPE_ROWS=min(tiles.rope_rows, tiles.fwd_m),
         **_kernel_args(D, rope, p.causal, tiles.fwd_m, tiles.fwd_n, q.dtype),
     )  # fmt: skip
 
@@ -253,7 +284,7 @@ def launch_bwd(
             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
             HAS_DLSE=dlse is not None,
         )  # fmt: skip
-    pos, inv_freq, stride_pos_t, stride_pos_c = _pos_args(p, D, q)
+    cs = cos_sin_table(p.pos_hw, D, p.rope_theta) if rope else q  # q: a dummy, never read
     cu_q, cu_k = p.cu_seqlens_q, p.cu_seqlens_k
     s_kv, s_q = _schedules(
         [(cu_k, cu_q, Tk, p.max_seqlen_k, tiles.dkdv_n), (cu_q, cu_k, T, p.max_seqlen_q, tiles.dq_m)]
@@ -261,19 +292,18 @@ def launch_bwd(
     num_seqs, scale = cu_q.numel() - 1, p.softmax_scale
     if Tk > 0:
         _varlen_attention_bwd_dkdv_kernel[(s_kv.num_table * Hkv + triton.cdiv(Tk, PAD_ROWS),)](
-            q, k, v, dout, lse2, delta, dk, dv, s_kv.records, s_kv.table, cu_k, pos, inv_freq,
+            q, k, v, dout, lse2, delta, dk, dv, s_kv.records, s_kv.table, cu_k, cs,
             num_seqs, s_kv.num_table, T, Tk, Hkv, Hq // Hkv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            stride_pos_t, stride_pos_c,
             **_kernel_args(D, rope, p.causal, tiles.dkdv_m, tiles.dkdv_n, q.dtype),
         )  # fmt: skip
     if T > 0:
         _varlen_attention_bwd_dq_kernel[(s_q.num_table * Hq + triton.cdiv(T, PAD_ROWS),)](
-            q, k, v, dout, lse2, delta, dq, s_q.records, s_q.table, cu_q, pos, inv_freq,
+            q, k, v, dout, lse2, delta, dq, s_q.records, s_q.table, cu_q, cs,
             num_seqs, s_q.num_table, T, Hq, Hq // Hkv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), stride_pos_t, stride_pos_c,
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             **_kernel_args(D, rope, p.causal, tiles.dq_m, tiles.dq_n, q.dtype),
         )  # fmt: skip
 

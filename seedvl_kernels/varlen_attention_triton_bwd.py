@@ -13,10 +13,11 @@ import triton.language as tl
 
 from .varlen_attention_triton_common import (
     TUNE_KEY,
+    _cos_sin,
     _dims,
     _load,
     _padding_range,
-    _rope_cos_sin,
+    _piece_dims,
     _rotate,
     _tile,
     _zero_rows,
@@ -50,12 +51,39 @@ def _varlen_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _split_dims(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                ROPE: tl.constexpr, SPLIT_D: tl.constexpr):  # fmt: skip
+    """(d, dmask, d_b, dmask_b): the head-dim columns of the tile, or with SPLIT_D of its two pieces
+    (halves order with RoPE, so that each piece rotates on its own; d_b = d without SPLIT_D)."""
+    if SPLIT_D:
+        d, dmask = _piece_dims(HEAD_DIM, 0, BLOCK_DA, ROPE)
+        d_b, dmask_b = _piece_dims(HEAD_DIM, BLOCK_DA, BLOCK_DB, ROPE)
+    else:
+        d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
+        d_b, dmask_b = d, dmask
+    return d, dmask, d_b, dmask_b
+
+
+@triton.jit
+def _finish_grad(g, cs_ptr, rows, row_mask, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, OFF: tl.constexpr,
+                 ROWS: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
+    """With RoPE, the gradient of the unrotated input: the inverse rotation of a (ROWS, WIDTH) piece in
+    halves order whose first column holds angle OFF (sin/cos of its rows read from the table)."""
+    if ROPE:
+        cos, sin = _cos_sin(cs_ptr, rows, row_mask, HEAD_DIM, WIDTH // 2, WIDTH // 2, OFF)
+        g = _rotate(g, cos, -sin, ROWS, WIDTH // 2)
+    return g
+
+
+@triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
-    lo, hi, lq, shift, qk_scale,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    dk, dv, dk_b, dv_b, k, v, k_b, v_b, q_base, do_base, lse2_base, delta_base, stride_q_t, stride_do_t, d,
+    dmask, d_b, dmask_b, offs_n, lo, hi, lq, shift, qk_scale,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, EVEN_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key tile from query blocks [lo, hi) of one head (MASKED: causal diagonal).
+    """dK, dV of one key tile from query blocks [lo, hi) of one head (MASKED: causal diagonal); with
+    SPLIT_D the second head-dim piece in k_b, v_b, dk_b, dv_b.
 
     Query rows past lq load as zeros with lse2 = +inf, so their P is exactly 0. Key rows past Lk
     (the tile's tail) may get non-finite values, which stay in their own rows and are never stored.
@@ -68,27 +96,37 @@ def _dkdv_blocks(
         do = _load(do_base + rows_m * stride_do_t + d[None, :], m_valid, dmask, True, EVEN_D)
         lse2 = tl.load(lse2_base + offs_m, mask=m_valid, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_valid, other=0.0)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        if SPLIT_D:
+            q_b = _load(q_base + rows_m * stride_q_t + d_b[None, :], m_valid, dmask_b, True, EVEN_DB)
+            do_b = _load(do_base + rows_m * stride_do_t + d_b[None, :], m_valid, dmask_b, True, EVEN_DB)
+            s_t = tl.dot(k_b, tl.trans(q_b), s_t, input_precision=DOT_PREC)
+        p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if SPLIT_D:
+            dv_b += tl.dot(p_t.to(do.dtype), do_b, input_precision=DOT_PREC)
+            dp_t = tl.dot(v_b, tl.trans(do_b), dp_t, input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    return dk, dv
+        if SPLIT_D:
+            dk_b += tl.dot(ds_t.to(q.dtype), q_b, input_precision=DOT_PREC)
+    return dk, dv, dk_b, dv_b
 
 
 @triton.autotune(configs=configs("dkdv"), key=TUNE_KEY, prune_configs_by=prune_by_mode("dkdv"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "total_k"])
 def _varlen_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr,
-    pos_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr, cs_ptr,
     num_seqs, num_table, total_q, total_k, num_kv_heads, group, qk_scale, sm_scale,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
-    stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h, stride_pos_t, stride_pos_c,
+    stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_DB: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_work = num_table * num_kv_heads
@@ -107,11 +145,20 @@ def _varlen_attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < lk
     rows_k = (k0 + offs_n).to(tl.int64)[:, None]
-    d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
-    k = _load(k_ptr + rows_k * stride_k_t + kv_head * stride_k_h + d[None, :], n_valid, dmask, True, EVEN_D)
-    v = _load(v_ptr + rows_k * stride_v_t + kv_head * stride_v_h + d[None, :], n_valid, dmask, True, EVEN_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    d, dmask, d_b, dmask_b = _split_dims(HEAD_DIM, BLOCK_D, BLOCK_DA, BLOCK_DB, ROPE, SPLIT_D)
+    even_a: tl.constexpr = EVEN_D or SPLIT_D
+    k_rows = k_ptr + rows_k * stride_k_t + kv_head * stride_k_h
+    v_rows = v_ptr + rows_k * stride_v_t + kv_head * stride_v_h
+    k = _load(k_rows + d[None, :], n_valid, dmask, True, even_a)
+    v = _load(v_rows + d[None, :], n_valid, dmask, True, even_a)
+    dk = tl.zeros([BLOCK_N, BLOCK_DA], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DA], dtype=tl.float32)
+    k_b, v_b, dk_b, dv_b = 0.0, 0.0, 0.0, 0.0  # the second head-dim piece (none without SPLIT_D)
+    if SPLIT_D:
+        k_b = _load(k_rows + d_b[None, :], n_valid, dmask_b, True, EVEN_DB)
+        v_b = _load(v_rows + d_b[None, :], n_valid, dmask_b, True, EVEN_DB)
+        dk_b = tl.zeros([BLOCK_N, BLOCK_DB], dtype=tl.float32)
+        dv_b = tl.zeros([BLOCK_N, BLOCK_DB], dtype=tl.float32)
     shift = lk - lq
     if CAUSAL:  # query i sees key j iff j <= i + shift: rows below m_full see part of the tile
         m_lo = tl.maximum(start_n - shift, 0)
@@ -126,70 +173,77 @@ def _varlen_attention_bwd_dkdv_kernel(
         head = kv_head * group + g
         qh, doh = q_base + head * stride_q_h, do_base + head * stride_do_h
         lse2_base, delta_base = lse2_ptr + head * total_q + q0, delta_ptr + head * total_q + q0
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
-            m_lo, m_mid, lq, shift, qk_scale, True, EVEN_D, BLOCK_M, DOT_PREC,
+        dk, dv, dk_b, dv_b = _dkdv_blocks(
+            dk, dv, dk_b, dv_b, k, v, k_b, v_b, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t,
+            d, dmask, d_b, dmask_b, offs_n, m_lo, m_mid, lq, shift, qk_scale,
+            True, even_a, SPLIT_D, EVEN_DB, BLOCK_M, DOT_PREC,
         )  # fmt: skip
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t, d, dmask, offs_n,
-            m_mid, lq, lq, shift, qk_scale, False, EVEN_D, BLOCK_M, DOT_PREC,
+        dk, dv, dk_b, dv_b = _dkdv_blocks(
+            dk, dv, dk_b, dv_b, k, v, k_b, v_b, qh, doh, lse2_base, delta_base, stride_q_t, stride_do_t,
+            d, dmask, d_b, dmask_b, offs_n, m_mid, lq, lq, shift, qk_scale,
+            False, even_a, SPLIT_D, EVEN_DB, BLOCK_M, DOT_PREC,
         )  # fmt: skip
-    dk *= sm_scale
-    if ROPE:  # dk of the unrotated k: the inverse rotation, sin/cos of this tile's rows computed once
-        cos, sin = _rope_cos_sin(
-            pos_ptr, k0 + offs_n, n_valid, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2,
-            BLOCK_D // 2,
-        )  # fmt: skip
-        dk = _rotate(dk, cos, -sin, BLOCK_N, BLOCK_D // 2)
+    # dk of the unrotated k with RoPE: the inverse rotation, sin/cos of this tile's rows from the table
+    dk = _finish_grad(dk * sm_scale, cs_ptr, k0 + offs_n, n_valid, HEAD_DIM, BLOCK_DA, 0, BLOCK_N, ROPE)
+    dk_rows = dk_ptr + rows_k * stride_dk_t + kv_head * stride_dk_h
+    dv_rows = dv_ptr + rows_k * stride_dv_t + kv_head * stride_dv_h
     mask = n_valid[:, None] & dmask[None, :]
-    tl.store(
-        dk_ptr + rows_k * stride_dk_t + kv_head * stride_dk_h + d[None, :],
-        dk.to(dk_ptr.dtype.element_ty),
-        mask=mask,
-    )
-    tl.store(
-        dv_ptr + rows_k * stride_dv_t + kv_head * stride_dv_h + d[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    tl.store(dk_rows + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_rows + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_D:
+        dk_b = _finish_grad(
+            dk_b * sm_scale, cs_ptr, k0 + offs_n, n_valid, HEAD_DIM, BLOCK_DB, BLOCK_DA // 2, BLOCK_N, ROPE
+        )
+        mask_b = n_valid[:, None] & dmask_b[None, :]
+        tl.store(dk_rows + d_b[None, :], dk_b.to(dk_ptr.dtype.element_ty), mask=mask_b)
+        tl.store(dv_rows + d_b[None, :], dv_b.to(dv_ptr.dtype.element_ty), mask=mask_b)
 
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, lo, hi, shift,
-    qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    dq, dq_b, q, q_b, do, do_b, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b, dmask_b,
+    offs_m, lo, hi, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_DB: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query tile from key blocks [lo, hi)."""
+    """dQ of one query tile from key blocks [lo, hi); with SPLIT_D the second head-dim piece in
+    q_b, do_b, dq_b."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows_n = offs_n.to(tl.int64)[:, None]
         k = _load(k_base + rows_n * stride_k_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
         v = _load(v_base + rows_n * stride_v_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if SPLIT_D:
+            k_b = _load(k_base + rows_n * stride_k_t + d_b[None, :], offs_n < hi, dmask_b, MASKED, EVEN_DB)
+            v_b = _load(v_base + rows_n * stride_v_t + d_b[None, :], offs_n < hi, dmask_b, MASKED, EVEN_DB)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=DOT_PREC)
+            dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=DOT_PREC)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             visible = (offs_n < hi)[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    return dq
+        if SPLIT_D:
+            dq_b += tl.dot(ds.to(k.dtype), k_b, input_precision=DOT_PREC)
+    return dq, dq_b
 
 
 @triton.autotune(configs=configs("dq"), key=TUNE_KEY, prune_configs_by=prune_by_mode("dq"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q"])
 def _varlen_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dq_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr,
-    inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dq_ptr, rec_ptr, table_ptr, cu_q_ptr, cs_ptr,
     num_seqs, num_table, total_q, num_heads, group, qk_scale, sm_scale,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
-    stride_dq_t, stride_dq_h, stride_pos_t, stride_pos_c,
+    stride_dq_t, stride_dq_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_DB: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_work = num_table * num_heads
@@ -207,32 +261,41 @@ def _varlen_attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < lq
     rows_q = (q0 + offs_m).to(tl.int64)[:, None]
-    d, dmask = _dims(HEAD_DIM, BLOCK_D, ROPE)
-    q = _load(q_ptr + rows_q * stride_q_t + head * stride_q_h + d[None, :], m_valid, dmask, True, EVEN_D)
-    do = _load(
-        dout_ptr + rows_q * stride_do_t + head * stride_do_h + d[None, :], m_valid, dmask, True, EVEN_D
-    )
+    d, dmask, d_b, dmask_b = _split_dims(HEAD_DIM, BLOCK_D, BLOCK_DA, BLOCK_DB, ROPE, SPLIT_D)
+    even_a: tl.constexpr = EVEN_D or SPLIT_D
+    q_rows = q_ptr + rows_q * stride_q_t + head * stride_q_h
+    do_rows = dout_ptr + rows_q * stride_do_t + head * stride_do_h
+    q = _load(q_rows + d[None, :], m_valid, dmask, True, even_a)
+    do = _load(do_rows + d[None, :], m_valid, dmask, True, even_a)
+    dq = tl.zeros([BLOCK_M, BLOCK_DA], dtype=tl.float32)
+    q_b, do_b, dq_b = 0.0, 0.0, 0.0  # the second head-dim piece (none without SPLIT_D)
+    if SPLIT_D:
+        q_b = _load(q_rows + d_b[None, :], m_valid, dmask_b, True, EVEN_DB)
+        do_b = _load(do_rows + d_b[None, :], m_valid, dmask_b, True, EVEN_DB)
+        dq_b = tl.zeros([BLOCK_M, BLOCK_DB], dtype=tl.float32)
     lse2 = tl.load(lse2_ptr + head * total_q + q0 + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(delta_ptr + head * total_q + q0 + offs_m, mask=m_valid, other=0.0)
     kv_head = head // group
     k_base = k_ptr + k0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
     v_base = v_ptr + k0.to(tl.int64) * stride_v_t + kv_head * stride_v_h
     n_full, n_end = _visible_keys(start_m, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, 0, n_full,
-        lk - lq, qk_scale, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    dq, dq_b = _dq_blocks(
+        dq, dq_b, q, q_b, do, do_b, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b,
+        dmask_b, offs_m, 0, n_full, lk - lq, qk_scale, False, CAUSAL, even_a, SPLIT_D, EVEN_DB, BLOCK_N,
+        DOT_PREC,
     )  # fmt: skip
-    dq = _dq_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, n_full, n_end,
-        lk - lq, qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    dq, dq_b = _dq_blocks(
+        dq, dq_b, q, q_b, do, do_b, lse2, delta, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b,
+        dmask_b, offs_m, n_full, n_end, lk - lq, qk_scale, True, CAUSAL, even_a, SPLIT_D, EVEN_DB, BLOCK_N,
+        DOT_PREC,
     )  # fmt: skip
-    dq *= sm_scale
-    if ROPE:
-        cos, sin = _rope_cos_sin(
-            pos_ptr, q0 + offs_m, m_valid, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2,
-            BLOCK_D // 2,
-        )  # fmt: skip
-        dq = _rotate(dq, cos, -sin, BLOCK_M, BLOCK_D // 2)
-    dq_ptrs = dq_ptr + rows_q * stride_dq_t + head * stride_dq_h + d[None, :]
-    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
+    dq = _finish_grad(dq * sm_scale, cs_ptr, q0 + offs_m, m_valid, HEAD_DIM, BLOCK_DA, 0, BLOCK_M, ROPE)
+    dq_rows = dq_ptr + rows_q * stride_dq_t + head * stride_dq_h
+    tl.store(dq_rows + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
+    if SPLIT_D:
+        dq_b = _finish_grad(
+            dq_b * sm_scale, cs_ptr, q0 + offs_m, m_valid, HEAD_DIM, BLOCK_DB, BLOCK_DA // 2, BLOCK_M, ROPE
+        )
+        tl.store(
+            dq_rows + d_b[None, :], dq_b.to(dq_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask_b[None, :]
+        )

@@ -212,6 +212,23 @@ def _dims(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr):
 
 
 @triton.jit
+def _piece_dims(HEAD_DIM: tl.constexpr, OFF: tl.constexpr, WIDTH: tl.constexpr, HALVES: tl.constexpr):
+    """Head-dim index and mask of one piece of a split head dim (see _kernel_args' BLOCK_DA/DB): the
+    dims [OFF, OFF + WIDTH) in natural order, or in halves order (HALVES) its first WIDTH/2 columns
+    the dims OFF/2 + c of the first half of the head, the rest the same dims of the second half, so
+    that a rotation pairs column c with c +- WIDTH/2 inside the piece."""
+    c = tl.arange(0, WIDTH)
+    if HALVES:
+        i = OFF // 2 + c % (WIDTH // 2)
+        d = tl.where(c < WIDTH // 2, i, i + HEAD_DIM // 2)
+        dmask = i < HEAD_DIM // 2
+    else:
+        d = OFF + c
+        dmask = d < HEAD_DIM
+    return d, dmask
+
+
+@triton.jit
 def _partner_dims(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Head-dim index of each column's rotation partner (column c pairs with c +- BLOCK_D / 2)."""
     c = (tl.arange(0, BLOCK_D) + BLOCK_D // 2) % BLOCK_D
@@ -237,29 +254,26 @@ def _load(ptrs, row_mask, dmask, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _rope_cos_sin(pos_ptr, rows, row_mask, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM: tl.constexpr,
-                  BH: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
-    """cos and sin (rows, WIDTH) fp32 of the angles of ``rows`` (see rope_2d), column c holding angle
-    c % BH (WIDTH = BH: one half; 2 * BH: a whole tile in halves order). Computed once per program."""
-    rows64 = rows.to(tl.int64)
-    pr = tl.load(pos_ptr + rows64 * stride_pos_t, mask=row_mask, other=0).to(tl.float32)
-    pc = tl.load(pos_ptr + rows64 * stride_pos_t + stride_pos_c, mask=row_mask, other=0).to(tl.float32)
-    i = tl.arange(0, WIDTH) % BH
-    is_row = i < HEAD_DIM // 4
-    f = tl.load(inv_freq_ptr + tl.where(is_row, i, i - HEAD_DIM // 4), mask=i < HEAD_DIM // 2, other=0.0)
-    angle = tl.where(is_row[None, :], pr[:, None], pc[:, None]) * f[None, :]
-    return tl.cos(angle), tl.sin(angle)
+def _cos_sin(cs_ptr, rows, row_mask, HEAD_DIM: tl.constexpr, BH: tl.constexpr, WIDTH: tl.constexpr,
+             OFF: tl.constexpr):  # fmt: skip
+    """cos and sin (rows, WIDTH) fp32 of the angles of ``rows``, read from the per-token table
+    cs (T, 2, D/2) (rope_2d.cos_sin_table: computed once per call, shared by every head), column c
+    holding angle OFF + c % BH (WIDTH = BH: one half; 2 * BH: a whole tile in halves order)."""
+    i = OFF + tl.arange(0, WIDTH) % BH
+    mask = row_mask[:, None] & (i < HEAD_DIM // 2)[None, :]
+    ptrs = cs_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + i[None, :]
+    return tl.load(ptrs, mask=mask, other=1.0), tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0)
 
 
 @triton.jit
-def _rotate_on_load(row_ptrs, d, dmask, row_mask, pos_ptr, rows, stride_pos_t, stride_pos_c, inv_freq_ptr,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _rotate_on_load(
+    row_ptrs, d, dmask, row_mask, cs_ptr, rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """rope_2d of a (rows, BLOCK_D) tile (halves order) loaded from memory, each column's rotation
-    partner loaded a second time (from cache) rather than swapped in registers: elementwise math in
-    the loaded layout, so the tile goes to the tensor cores without a layout conversion."""
-    cos, sin = _rope_cos_sin(
-        pos_ptr, rows, row_mask, stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D // 2, BLOCK_D
-    )
+    partner loaded a second time (from cache) rather than swapped in registers, and each column's
+    cos/sin read from the table: elementwise math in the loaded layout, so the tile goes to the
+    tensor cores without a layout conversion."""
+    cos, sin = _cos_sin(cs_ptr, rows, row_mask, HEAD_DIM, BLOCK_D // 2, BLOCK_D, 0)
     first = (tl.arange(0, BLOCK_D) < BLOCK_D // 2)[None, :]
     mask = row_mask[:, None] & dmask[None, :]
     x = tl.load(row_ptrs + d[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -1,7 +1,8 @@
 """Forward kernel of varlen_attention's Triton implementation (design: varlen_attention_triton.py).
 
 One program per (query tile, head) from the device-built schedule: FlashAttention-2 online softmax
-in exp2, RoPE applied to q as it is loaded (and the rotated q written out for the backward).
+in exp2, RoPE applied to q as it is loaded (cos/sin from the per-token table; the rotated q written
+out for the backward).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .varlen_attention_triton_common import (
     _fill_lse,
     _load,
     _padding_range,
+    _piece_dims,
     _rotate_on_load,
     _tile,
     _zero_rows,
@@ -25,17 +27,24 @@ from .varlen_attention_triton_common import (
 
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, lo, hi, shift, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    acc, acc_b, l_i, m_i, q, q_b, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b, dmask_b, offs_m,
+    lo, hi, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_DB: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key blocks [lo, hi) (hi is the last visible key + 1 of the tile)."""
+    """Online softmax over key blocks [lo, hi) (hi is the last visible key + 1 of the tile). With
+    SPLIT_D the head dim is two column pieces (q, acc: the first; q_b, acc_b: the second): two
+    dots accumulate S, and P·V fills each piece's accumulator."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows_n = offs_n.to(tl.int64)[:, None]
         k = _load(k_base + rows_n * stride_k_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
         v = _load(v_base + rows_n * stride_v_t + d[None, :], offs_n < hi, dmask, MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SPLIT_D:
+            k_b = _load(k_base + rows_n * stride_k_t + d_b[None, :], offs_n < hi, dmask_b, MASKED, EVEN_DB)
+            v_b = _load(v_base + rows_n * stride_v_t + d_b[None, :], offs_n < hi, dmask_b, MASKED, EVEN_DB)
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PREC)
         if MASKED:
             visible = (offs_n < hi)[None, :]
             if CAUSAL:
@@ -52,8 +61,10 @@ def _fwd_blocks(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if SPLIT_D:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p.to(v.dtype), v_b, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc_b, l_i, m_i
 
 
 @triton.jit
@@ -72,13 +83,14 @@ def _visible_keys(start_m, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, 
 @triton.autotune(configs=configs("fwd"), key=TUNE_KEY, prune_configs_by=prune_by_mode("fwd"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "stride_lse_h"])
 def _varlen_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_rot_ptr, rec_ptr, table_ptr, cu_q_ptr, pos_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_rot_ptr, rec_ptr, table_ptr, cu_q_ptr, cs_ptr,
     num_seqs, num_table, total_q, num_heads, group, qk_scale,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_o_t, stride_o_h,
-    stride_lse_h, stride_qr_t, stride_qr_h, stride_pos_t, stride_pos_c,
+    stride_lse_h, stride_qr_t, stride_qr_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, ROPE_ROWS: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, SPLIT_D: tl.constexpr,
+    EVEN_DB: tl.constexpr, ROPE_ROWS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_work = num_table * num_heads
@@ -108,31 +120,41 @@ def _varlen_attention_fwd_kernel(
             r_valid = offs_r < lq
             rows_r = (q0 + offs_r).to(tl.int64)[:, None]
             q_r = _rotate_on_load(
-                q_ptr + rows_r * stride_q_t + head * stride_q_h, d, dmask, r_valid, pos_ptr, q0 + offs_r,
-                stride_pos_t, stride_pos_c, inv_freq_ptr, HEAD_DIM, BLOCK_D,
+                q_ptr + rows_r * stride_q_t + head * stride_q_h, d, dmask, r_valid, cs_ptr, q0 + offs_r,
+                HEAD_DIM, BLOCK_D,
             )  # fmt: skip
             qr_ptrs = q_rot_ptr + rows_r * stride_qr_t + head * stride_qr_h + d[None, :]
             tl.store(qr_ptrs, q_r.to(q_rot_ptr.dtype.element_ty), mask=r_valid[:, None] & dmask[None, :])
         tl.debug_barrier()  # this program's rotated rows, written by other threads, are read back below
-        q = _load(
-            q_rot_ptr + rows_q * stride_qr_t + head * stride_qr_h + d[None, :], m_valid, dmask, True, EVEN_D
-        )
+        q_src, stride_src_t, stride_src_h = q_rot_ptr, stride_qr_t, stride_qr_h
     else:
-        q = _load(q_ptr + rows_q * stride_q_t + head * stride_q_h + d[None, :], m_valid, dmask, True, EVEN_D)
+        q_src, stride_src_t, stride_src_h = q_ptr, stride_q_t, stride_q_h
+    q_rows = q_src + rows_q * stride_src_t + head * stride_src_h
+    q_b = 0.0  # the second piece of a split head dim (none without SPLIT_D)
+    acc_b = 0.0
+    if SPLIT_D:  # natural order: dims [0, BLOCK_DA) and [BLOCK_DA, BLOCK_DA + BLOCK_DB) (masked)
+        d, dmask = _piece_dims(HEAD_DIM, 0, BLOCK_DA, False)
+        d_b, dmask_b = _piece_dims(HEAD_DIM, BLOCK_DA, BLOCK_DB, False)
+        q_b = _load(q_rows + d_b[None, :], m_valid, dmask_b, True, EVEN_DB)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_DB], dtype=tl.float32)
+    else:
+        d_b, dmask_b = d, dmask
+    q = _load(q_rows + d[None, :], m_valid, dmask, True, EVEN_D or SPLIT_D)
     kv_head = head // group
     k_base = k_ptr + k0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
     v_base = v_ptr + k0.to(tl.int64) * stride_v_t + kv_head * stride_v_h
     n_full, n_end = _visible_keys(start_m, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DA], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, 0, n_full, lk - lq,
-        qk_scale, False, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    acc, acc_b, l_i, m_i = _fwd_blocks(
+        acc, acc_b, l_i, m_i, q, q_b, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b, dmask_b, offs_m,
+        0, n_full, lk - lq, qk_scale, False, CAUSAL, EVEN_D or SPLIT_D, SPLIT_D, EVEN_DB, BLOCK_N, DOT_PREC,
     )  # fmt: skip
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, k_base, v_base, stride_k_t, stride_v_t, d, dmask, offs_m, n_full, n_end, lk - lq,
-        qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, DOT_PREC,
+    acc, acc_b, l_i, m_i = _fwd_blocks(
+        acc, acc_b, l_i, m_i, q, q_b, k_base, v_base, stride_k_t, stride_v_t, d, dmask, d_b, dmask_b, offs_m,
+        n_full, n_end, lk - lq, qk_scale, True, CAUSAL, EVEN_D or SPLIT_D, SPLIT_D, EVEN_DB, BLOCK_N,
+        DOT_PREC,
     )  # fmt: skip
     # l_i is exactly 0 for a row that saw no key (or only -inf scores): out 0, lse -inf. A NaN or
     # +inf score makes l_i NaN, which must stay NaN in lse rather than read as "no key".
@@ -140,6 +162,13 @@ def _varlen_attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = out_ptr + rows_q * stride_o_t + head * stride_o_h + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
+    o_rows = out_ptr + rows_q * stride_o_t + head * stride_o_h
+    tl.store(o_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
+    if SPLIT_D:
+        out_b = acc_b / l_safe[:, None]
+        tl.store(
+            o_rows + d_b[None, :],
+            out_b.to(out_ptr.dtype.element_ty),
+            mask=m_valid[:, None] & dmask_b[None, :],
+        )
     tl.store(lse_ptr + head * stride_lse_h + q0 + offs_m, lse, mask=m_valid)

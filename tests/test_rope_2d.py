@@ -114,6 +114,27 @@ def test_triton_matches_ref_on_strided_view_and_empty():
         assert sk.rope_2d(empty, torch.empty(0, 2, dtype=torch.int32), impl=impl).shape == (0, 4, 16)
 
 
+@pytest.mark.parametrize("D", [16, 72])
+def test_cos_sin_table_alone_and_beside_the_rotation(D):
+    """The (T, 2, D/2) table varlen_attention reads: cos, sin of each token's angles (to fp32
+    rounding of the accurate functions: values of magnitude <= 1); written alone (no heads) or by
+    the launch that rotates x, which still rotates x as rope_2d does. D=72: D/2 is not a power of 2."""
+    T = 37  # three 16-token programs, the last partial
+    pos = _positions(T, 300)
+    expected = rope_mod.cos_sin_table_ref(pos, D, 1e4)
+    assert expected.shape == (T, 2, D // 2)
+    alone = rope_mod.cos_sin_table(pos, D, 1e4)
+    assert_close(alone, expected, f"cos/sin table D={D}", atol=2e-7, rtol=0)
+    x = torch.randn(T, 3, D)
+    out = torch.full_like(x, float("nan"))
+    beside = rope_mod.cos_sin_table(pos, D, 1e4, x=x, out=out)
+    assert torch.equal(beside, alone)
+    assert_close(
+        out, rope_mod.rope_2d_ref(x, pos, 1e4), f"rotation beside the table D={D}", **tol(torch.float32)
+    )
+    assert rope_mod.cos_sin_table(pos[:0], D, 1e4).shape == (0, 2, D // 2)
+
+
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_opcheck(impl):
     x = torch.randn(11, 2, 16, requires_grad=True)

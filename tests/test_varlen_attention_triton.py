@@ -124,6 +124,43 @@ def test_unequal_tiles(monkeypatch, tiles):
     _compare(q, k, v, kw, name=f"rope {tiles}")
 
 
+@pytest.mark.parametrize(
+    "d,rope,pieces",
+    [
+        ((72, False, (64, 16))), ((80, True, (64, 16))), ((96, False, (64, 32))), ((40, True, (32, 16))),
+        ((160, True, (128, 32))), ((64, True, (64, 0))), ((128, False, (128, 0))), ((24, True, (32, 0))),
+        ((8, False, (16, 0))),
+    ],
+)  # fmt: skip
+def test_head_dim_split(d, rope, pieces):
+    """Head dims between powers of 2 run as two power-of-2 pieces where that is narrower than one
+    padded block (72 and 80: 64 + 16 columns, not 128), each piece at least 16 wide (a dot's K)."""
+    assert vat.split_d(d, rope) == pieces
+    da, db = pieces
+    assert da + db >= d and min(da, db or 16) >= 16
+
+
+# The sm_90 tiles (tiles_for on a CUDA device) under the interpreter, in fp32: BLOCK_M 128 forward,
+# 32 x 128 dK/dV at D <= 64, 32-row RoPE chunks, the head-dim split above 64. Sequences past one
+# 128-row tile, a partial tile, a one-token and an empty one, padding rows.
+GPU_TILE_CASES = {
+    "vit_d64_rope": dict(lens_q=[150, 1, 0, 37], hq=2, hkv=2, d=64, rope=True, pad_q=3),
+    "llm_d128_causal_gqa": dict(lens_q=[140, 1, 30], hq=4, hkv=2, d=128, causal=True, pad_q=2),
+    "d80_rope": dict(lens_q=[131, 9], hq=2, hkv=1, d=80, rope=True, pad_q=1),
+    "d72_causal": dict(lens_q=[133, 0, 20], hq=2, hkv=1, d=72, causal=True),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES))
+def test_matches_reference_at_the_gpu_tiles(monkeypatch, case):
+    inputs, call = _split(GPU_TILE_CASES[case])
+    gpu = vat.tiles_for(torch.device("cuda"), inputs["d"], 256, 256)
+    assert gpu.fwd_m == 128 and gpu.rope_rows == 32, gpu
+    monkeypatch.setattr(vat, "tiles_for", lambda *args: gpu)
+    q, k, v, kw = _case(**inputs)
+    _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
+
+
 def test_fwd_op_returns_rotated_q_and_k():
     q, k, v, kw = _case([5, 21], hq=2, hkv=1, d=16, pad_q=3, rope=True)
     args = (q, k, v, kw["cu_seqlens"], kw["cu_seqlens"], 21, 21, False, 0.25, kw["pos_hw"], 1e4)
