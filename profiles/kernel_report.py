@@ -17,9 +17,10 @@ builds it): ``cuobjdump --dump-resource-usage`` and the SASS; the dynamic shared
 threads per block are what the launchers in csrc/ ask for (``_cuda_launch``).
 
 Columns:
-- spill: bytes of spill stores + spill loads (ptxas). The stack frame is reported beside it: the
-  Triton kernels with 2D RoPE keep 32 B of stack for sin/cos argument reduction, which is not a
-  spill. CUDA kernels: 0 when the stack frame is 0, else unknown ("?": ptxas was not run).
+- spill: bytes of spill stores + spill loads (ptxas). The stack frame is reported beside it: a
+  kernel that evaluates an accurate sin/cos keeps 32 B of stack for its argument reduction (the
+  CUDA rope_2d kernels), which is not a spill. CUDA kernels: 0 when the stack frame is 0, else
+  unknown ("?": ptxas was not run).
 - occupancy: CTAs and warps per SM on sm_90 (64K registers in 4 sub-partitions, allocated per warp
   in units of 256; 228 KB shared memory with 1 KB reserved per CTA; 2048 threads; 32 CTAs), and the
   limit that binds.
@@ -28,11 +29,18 @@ Columns:
   a loop issues its next wgmma group while N are still running (N + 1 in flight); waits of 0 only
   mean every group is drained before the next is issued (tensor cores idle during the softmax or
   epilogue math between them).
+- instruction mix (its own table): static SASS instructions of the kernel, its MUFU ones by function
+  (EX2, RCP, ...), its wgmma ones by MxNxK shape (the tensor-core work of one pass through the code),
+  its local-memory ones (LDL/STL: spills, or the stack of an accurate sin/cos's
+  argument reduction) and, for Triton kernels, the sin/cos operations in its TTGIR (each one an
+  inlined libdevice sinf/cosf over a whole tile: the polynomial, and a Payne-Hanek reduction through
+  local memory for large angles).
 
 ``--check`` compares the hot kernels (or all, without ``--hot``) with the baseline
 (profiles/kernel_report.json) and exits 1 when one newly spills (or spills more than the
 baseline's known, explained spill), loses its tensor-core instructions, falls back from wgmma to
-mma.sync, stops keeping more than one wgmma group in flight, or did not compile.
+mma.sync, stops keeping more than one wgmma group in flight, evaluates sin/cos where the baseline
+reads a table, or did not compile.
 """
 
 from __future__ import annotations
@@ -107,6 +115,11 @@ class Row:
     mma: str  # "wgmma", "mma.sync" or "none"
     waits: list[int]  # distinct wgmma.wait_group N
     notes: str = ""
+    instrs: int | None = None  # static SASS instructions
+    mufu: dict[str, int] | None = None  # MUFU instructions by function (EX2, RCP, ...)
+    local_mem: int | None = None  # LDL/STL instructions
+    sincos: int | None = None  # sin/cos operations in the TTGIR (Triton kernels)
+    hgmma: dict[str, int] | None = None  # wgmma instructions by MxNxK shape
 
     @property
     def key(self) -> str:
@@ -199,6 +212,35 @@ def sass_facts(sass: str) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)")
+
+
+def sass_counts(sass: str) -> dict[str, tuple[int, dict[str, int], int, dict[str, int]]]:
+    """Per function of a cuobjdump -sass listing: (instructions, MUFU ones by function, LDL/STL ones,
+    wgmma (HGMMA) ones by MxNxK shape)."""
+    out = {}
+    starts = list(_FUNCTION.finditer(sass))
+    for i, m in enumerate(starts):
+        body = sass[m.end() : starts[i + 1].start() if i + 1 < len(starts) else len(sass)]
+        ops = _INSTR.findall(body)
+        mufu: dict[str, int] = {}
+        hgmma: dict[str, int] = {}
+        for op in ops:
+            parts = op.split(".")
+            if parts[0] == "MUFU":
+                mufu[parts[1]] = mufu.get(parts[1], 0) + 1
+            elif parts[0] == "HGMMA":
+                hgmma[parts[1]] = hgmma.get(parts[1], 0) + 1
+        local = sum(op.split(".")[0] in ("LDL", "STL") for op in ops)
+        out[m.group(1)] = (len(ops), dict(sorted(mufu.items())), local, dict(sorted(hgmma.items())))
+    return out
+
+
+def ttgir_sincos(ttgir: str) -> int:
+    """sin/cos operations in a Triton kernel's TTGIR (math.sin / math.cos)."""
+    return len(re.findall(r"= math\.(?:sin|cos) ", ttgir))
+
+
 _RESOURCES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)")
 
 
@@ -235,6 +277,7 @@ def triton_launches(hot: bool) -> list:
     cases = [(vit_d, 4096, True, False, True, False), (llm_d, 4096, False, True, True, False)]
     if not hot:
         cases.append((llm_d, 4096, False, True, True, True))  # ring attention's fp32 partial outputs
+        cases.append((80, 4096, True, False, True, False))  # Qwen2-VL's ViT: a split head dim (64 + 16)
     todo = list(aot.attention_launches(bf16, cases))
     todo += list(aot.moe_launches(bf16, ["qwen3-30b-a3b"] if hot else list(aot.MOE_PRESETS)))
     todo += list(aot.OPS["pool_adapter"](bf16, True)) + list(aot.OPS["rope_2d"](bf16, True))
@@ -278,7 +321,9 @@ def triton_row(launch) -> Row:
         f.write(compiled.asm["cubin"])
         f.flush()
         (name, (regs, stack, _)), *_ = resource_usage(f.name).items()
-        (mma, waits), *_ = sass_facts(_run([_tool("cuobjdump"), "-sass", f.name])).values()
+        sass = _run([_tool("cuobjdump"), "-sass", f.name])
+        (mma, waits), *_ = sass_facts(sass).values()
+        (instrs, mufu, local, hgmma), *_ = sass_counts(sass).values()
     if regs_ptxas is not None and regs_ptxas != regs:
         raise RuntimeError(f"{launch.label}: ptxas -v says {regs_ptxas} registers, the cubin {regs}")
     threads = launch.num_warps * 32
@@ -286,7 +331,7 @@ def triton_row(launch) -> Row:
     ctas, warps, limit = occupancy(regs, smem, threads)
     return Row(
         "triton", launch.op, name, launch.label, regs, spill, stack, smem, threads, ctas, warps, limit,
-        mma, waits, "; ".join(warnings),
+        mma, waits, "; ".join(warnings), instrs, mufu, local, ttgir_sincos(compiled.asm["ttgir"]), hgmma,
     )  # fmt: skip
 
 
@@ -364,7 +409,8 @@ def cuda_rows(so: Path, hot: bool) -> list[Row]:
     """The sm_90a kernels of the extension (bf16 and fp32 instantiations; fp16 mirrors bf16)."""
     usage = resource_usage(str(so), ARCH)
     names = [n for n in usage if "6__half" not in n]
-    sass = sass_facts(_run([_tool("cuobjdump"), "-sass", "-arch", ARCH, str(so)]))
+    listing = _run([_tool("cuobjdump"), "-sass", "-arch", ARCH, str(so)])
+    sass, counts = sass_facts(listing), sass_counts(listing)
     rows = []
     for mangled, pretty in zip(names, _demangle(names), strict=True):
         regs, stack, static_smem = usage[mangled]
@@ -376,9 +422,10 @@ def cuda_rows(so: Path, hot: bool) -> list[Row]:
         ctas, warps, limit = occupancy(regs, smem, threads)
         mma, waits = sass.get(mangled, ("none", []))
         notes = "shared memory: mainloop stages only (epilogue on top)" if lower_bound else ""
+        instrs, mufu, local, hgmma = counts.get(mangled, (None, None, None, None))
         rows.append(
             Row("cuda", op, kernel, label, regs, 0 if stack == 0 else None, stack, smem, threads, ctas, warps,
-                limit, mma, waits, notes)
+                limit, mma, waits, notes, instrs, mufu, local, None, hgmma)
         )  # fmt: skip
     return rows
 
@@ -391,7 +438,8 @@ def regressions(baseline: dict, rows: list[dict], expected: list[str] = ()) -> l
 
     A kernel newly spills, or spills more than the known spill the baseline explains; loses its
     tensor-core MMA or falls back from wgmma to mma.sync; stops keeping more than one wgmma group in
-    flight; or (``expected``: keys that must be present) did not compile at all.
+    flight; evaluates sin/cos where the baseline has none (the attention kernels read RoPE's table);
+    or (``expected``: keys that must be present) did not compile at all.
     """
     known = {k: why for k, why in baseline.get("known_spills", {}).items() if why.strip()}
     base = baseline.get("kernels", {})
@@ -415,6 +463,8 @@ def regressions(baseline: dict, rows: list[dict], expected: list[str] = ()) -> l
         if r["mma"] == b["mma"] == "wgmma" and b_flight >= 1 and flight == 0:
             was, now = b.get("waits"), r.get("waits")
             out.append(f"{k}: wgmma wait_group values {was} -> {now} (no longer pipelined)")
+        if b.get("sincos") == 0 and r.get("sincos"):
+            out.append(f"{k}: {r['sincos']} sin/cos operations, the baseline has none (computed again?)")
     return out
 
 
@@ -453,6 +503,21 @@ def _table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _mix_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| kernel | config / shape class | SASS instrs | MUFU | LDL/STL | sin/cos (TTGIR) | HGMMA by shape |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        mufu = ", ".join(f"{k} {n}" for k, n in (r.mufu or {}).items()) or "-"
+        hgmma = ", ".join(f"{k} {n}" for k, n in (r.hgmma or {}).items()) or "-"
+        sincos = "-" if r.sincos is None else str(r.sincos)
+        lines.append(
+            f"| `{r.kernel}` | {r.shape} | {r.instrs} | {mufu} | {r.local_mem} | {sincos} | {hgmma} |"
+        )
+    return lines
+
+
 def _names(chosen: list[Row], rows: list[Row], extra=lambda r: "") -> list[str]:
     """``chosen`` grouped by kernel: "`kernel` (all N)" when every row of it is chosen, else its shapes."""
     out = []
@@ -476,6 +541,7 @@ def summary(rows: list[Row]) -> list[str]:
     sync = [r for r in rows if r.mma == "mma.sync"]
     low = [r for r in rows if r.mma != "none" and r.warps_per_sm <= 4]
     warned = [f"{r.key}: {r.notes}" for r in rows if r.notes and r.source == "triton"]
+    trig = [r for r in rows if r.sincos]
     bullets = (
         ("Spills (ptxas spill stores + loads)", _names(spill, rows, lambda r: f" {r.spill} B")),
         ("At or near the 255-register cap", _names(full, rows, lambda r: f" ({r.regs})")),
@@ -485,6 +551,7 @@ def summary(rows: list[Row]) -> list[str]:
         ("mma.sync on sm_90a (Ampere-style tensor-core code, no wgmma)", _names(sync, rows)),
         ("4 warps/SM or fewer", _names(low, rows, lambda r: f" ({r.limit})")),
         ("ptxas performance warnings", warned),
+        ("sin/cos evaluated in the kernel (TTGIR ops)", _names(trig, rows, lambda r: f" ({r.sincos})")),
     )  # fmt: skip
     out = [f"- **{title}**: " + "; ".join(items) + "." for title, items in bullets if items]
     if any(r.op == "varlen_attention" and r.in_flight == 1 for r in wgmma):
@@ -507,8 +574,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "",
         "Occupancy is for H100/H200 (64K registers, 228 KB shared memory, 64 warps per SM). `in flight`:",
         "wgmma groups a loop keeps running while it issues the next (max wait_group N + 1). `spill B`:",
-        "ptxas spill stores + loads; the stack frame in brackets (the RoPE kernels' 32 B is sin/cos",
-        "argument reduction, not a spill).",
+        "ptxas spill stores + loads; the stack frame in brackets (the CUDA rope_2d kernels' 32 B is",
+        "sin/cos argument reduction, not a spill).",
         "",
         "## What this says",
         "",
@@ -528,6 +595,13 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "CUDA shared memory is static + what the launcher asks for; the CUTLASS grouped GEMM's is its",
         "mainloop's operand stages (the epilogue's share comes on top), which already holds it to one",
         "CTA per SM, as CUTLASS's persistent cooperative kernels are designed to run.",
+        "",
+        "## Instruction mix (static SASS)",
+        "",
+        "Instructions in the code, not executed counts (a loop body counts once). MUFU by function;",
+        "LDL/STL: local-memory instructions; sin/cos: operations in the TTGIR (Triton kernels only).",
+        "",
+        *_mix_table(rows),
         "",
     ]
     return "\n".join(lines)

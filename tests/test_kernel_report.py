@@ -111,6 +111,37 @@ def test_sass_facts_read_wgmma_and_its_waits():
     assert kr.sass_facts(sass) == {"k1": ("wgmma", [0, 1]), "k2": ("mma.sync", [])}
 
 
+def test_sass_counts_read_the_instruction_mix():
+    sass = """
+        Function : k1
+        /*0010*/ HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0 ;
+        /*0020*/ HGMMA.64x16x16.F32.BF16 R88, gdesc[UR12], R88, gsb0 ;
+        /*0030*/ @!P0 MUFU.EX2 R5, R4 ;
+        /*0040*/ MUFU.RCP R6, R7 ;
+        /*0050*/ MUFU.EX2 R8, R9 ;
+        /*0060*/ STL [R1+0x4], R2 ;
+        /*0070*/ LDL.64 R2, [R1] ;
+        Function : k2
+        /*0010*/ FFMA R4, R8, R12, R4 ;
+    """
+    assert kr.sass_counts(sass) == {
+        "k1": (7, {"EX2": 2, "RCP": 1}, 2, {"64x16x16": 1, "64x64x16": 1}),
+        "k2": (1, {}, 0, {}),
+    }
+    ttgir = "%1 = math.sin %0 : tensor<32x64xf32>\n%2 = math.cos %0 : tensor<32x64xf32>\n%3 = math.exp2 %2"
+    assert kr.ttgir_sincos(ttgir) == 2
+
+
+def test_comparison_flags_sin_cos_computed_again():
+    """The attention kernels read RoPE's sin/cos from a table: one that evaluates them again fails."""
+    table = next(k for k, row in BASELINE["kernels"].items() if row.get("sincos") == 0 and "rope=1" in k)
+    row = _row(table)
+    assert kr.regressions(BASELINE, [row]) == []
+    row["sincos"] = 8
+    found = kr.regressions(BASELINE, [row])
+    assert len(found) == 1 and "8 sin/cos operations" in found[0], found
+
+
 @pytest.mark.slow
 def test_hot_kernels_hold_the_baseline():
     missing = kr.toolchain_missing()
