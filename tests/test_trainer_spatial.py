@@ -20,7 +20,9 @@ from trainer.data.spatial import (
     SpatialConfig,
     SpatialDataset,
     check_answer,
+    describe,
     export_spatial,
+    training_config,
 )
 from trainer.data.tokenizer import ByteTokenizer
 
@@ -210,3 +212,73 @@ def test_export_round_trip(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="unknown kinds"):
         SpatialConfig(mix=(("colour", 1.0),))
+    with pytest.raises(ValueError, match="questions"):
+        SpatialConfig(questions=0)
+
+
+def test_several_questions_and_the_caption_per_scene():
+    one, many = SpatialDataset(5), SpatialDataset(5, SpatialConfig(questions=4, caption=True))
+    tok, enc = ByteTokenizer(), EncodeConfig()
+    asked = 0
+    for i in range(12):
+        a, b = one[i], many[i]
+        # The first question is the one-question sample's; the image is sent once, in the first turn.
+        np.testing.assert_array_equal(b.turns[0].parts[0].source, a.turns[0].parts[0].source)
+        assert b.turns[0].parts[1:] == a.turns[0].parts[1:] and b.turns[1] == a.turns[1]
+        assert [t.role for t in b.turns] == ["user", "assistant"] * (len(b.turns) // 2)
+        assert all(isinstance(p, str) for t in b.turns[1:] for p in t.parts)
+        assert len(encode_conversation(b, tok, enc).images) == 1
+        scene = one.sample(i)[0]
+        questions = [t.parts[-1] for t in b.turns[0:-2:2]]
+        assert len(set(questions)) == len(questions) <= 4
+        asked += len(questions)
+        # Later turns answer their own question about the same scene.
+        for q in b.meta.get("asked", [])[1:]:
+            reply = b.turns[2 * questions.index(q["question"]) + 1].parts[0]
+            assert reply == q["answer"]
+            if q["kind"] == "depth":
+                name = re.search(r"of the (\w+ \w+) in", q["question"]).group(1)
+                assert float(reply) == pytest.approx(scene.depth(_named(scene, name)), abs=0.051)
+            if q["kind"] == "count" and "objects" in q["question"]:
+                assert int(reply) == len(scene.objects)
+        assert b.turns[-2].parts == ("Describe the scene.",)
+        assert b.turns[-1].parts == (describe(scene),)
+    assert asked > 3 * 12  # a scene runs out of distinct questions only rarely
+
+
+def test_caption_matches_the_scene():
+    scene = SpatialDataset(2).sample(0)[0]
+    text = describe(scene)
+    near, left = text.removeprefix("Near to far: ").split(". Left to right: ")
+    depths = [float(m) for m in re.findall(r"(\d+\.\d) m", near)]
+    assert depths == sorted(depths) and len(depths) == len(scene.objects)
+    xs = {o.color: _cam_coords(scene, o)[0] for o in scene.objects}
+    colours = left.rstrip(".").split(", ")
+    assert [xs[c] for c in colours] == sorted(xs.values())
+
+
+def test_training_config_options():
+    assert training_config("") == SpatialConfig()
+    cfg = training_config("questions=3,caption=1,think_prob=0.5")
+    assert (cfg.questions, cfg.caption, cfg.think_prob) == (3, True, 0.5)
+    assert training_config("caption=0").caption is False
+    with pytest.raises(ValueError, match=r"'colour=1'.*caption"):
+        training_config("colour=1")
+    with pytest.raises(ValueError, match="'questions=x'"):
+        training_config("questions=x")
+    from trainer.components import _source
+    from trainer.data.chat import SkipLog
+
+    src = _source("spatial:questions=2", 0, SkipLog())
+    assert src.cfg.questions == 2 and len(src[0].turns) in (2, 4)
+
+
+def test_export_several_questions(tmp_path):
+    cfg = SpatialConfig(questions=3, caption=True)
+    loaded = ManifestDataset(export_spatial(tmp_path, 3, seed=4, cfg=cfg))
+    ds, tok, enc = SpatialDataset(4, cfg), ByteTokenizer(), EncodeConfig()
+    for i in range(3):
+        a, b = encode_conversation(ds[i], tok, enc), encode_conversation(loaded[i], tok, enc)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.levels, b.levels)
+        assert "answer" not in loaded[i].meta  # no single answer to score a held-out split against

@@ -10,7 +10,13 @@ import pytest
 from model.config import get_preset
 from trainer.components import build_model_config
 from trainer.data import tokenizer as T
-from trainer.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, model_vocab_size
+from trainer.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    WordTokenizer,
+    load_tokenizer,
+    model_vocab_size,
+)
 
 TEXTS = [
     "",
@@ -19,6 +25,7 @@ TEXTS = [
     f"{T.IM_START}user\n{T.VISION_START}{T.IMAGE_PAD * 3}{T.VISION_END}Where?{T.IM_END}\n",
     f"{T.THINK}red cube: 4.2 m{T.END_THINK}the red cube{T.BBOX}12,34,567,999{T.END_BBOX}",
     f"{T.TIME_START}[1.5 second]{T.TIME_END}<|not_special|><think",
+    "Is the red cubes cube to the left of  the\tblue? redder Red cubed 4.2m x=-0.3 m",
 ]
 
 
@@ -28,6 +35,31 @@ def test_byte_round_trip(text):
     ids = tok.encode(text)
     assert all(0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_word_round_trip(text):
+    tok = WordTokenizer()
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_word_ids():
+    byte, tok = ByteTokenizer(), WordTokenizer()
+    assert tok.vocab_size == 268 + len(T.WORDS) == 268 + len(set(T.WORDS))
+    # Specials and bytes keep the byte tokenizer's ids, so the presets' image_token_id holds.
+    assert [tok.special_id(t) for t in T.SPECIAL_TOKENS] == list(range(256, 268))
+    assert tok.image_token_id == byte.image_token_id
+    # A known word is one id wherever it stands; unknown and partial words are bytes, spaces too.
+    q = "Which is closer to the camera, the red cube or the blue sphere?"
+    assert len(tok.encode(q)) == 27 and len(byte.encode(q)) == 63  # 13 words, 12 spaces, "," and "?"
+    assert tok.encode(" red") == byte.encode(" ") + tok.encode("red") and len(tok.encode("red")) == 1
+    assert tok.encode("redder") == byte.encode("redder")
+    assert tok.encode("Red") == byte.encode("Red")
+    assert tok.encode("4.2") == byte.encode("4.2")  # digits stay one id each
+    assert load_tokenizer("words").vocab_size == tok.vocab_size
+    assert model_vocab_size(tok, 256) == -(-tok.vocab_size // 16) * 16
 
 
 def test_byte_special_tokens():
@@ -48,6 +80,7 @@ def test_byte_special_tokens():
         cfg = get_preset(preset)
         assert build_model_config(preset, tok) == cfg
         assert (cfg.llm.vocab_size, cfg.image_token_id) == (272, tok.image_token_id)
+        assert build_model_config(preset, WordTokenizer()).llm.vocab_size == 336
     with pytest.raises(ValueError, match=r"not in 0\.\.267"):
         tok.decode([300])
 

@@ -102,10 +102,10 @@ def _device(spec: str, local_rank: int | None = None) -> torch.device:
 
 
 def _source(spec: str, seed: int, skips: SkipLog) -> Source:
-    if spec == "spatial":
-        from .data.spatial import SpatialDataset
+    if spec == "spatial" or spec.startswith("spatial:"):
+        from .data.spatial import SpatialDataset, training_config
 
-        return SpatialDataset(seed)
+        return SpatialDataset(seed, training_config(spec.partition(":")[2]))
     from .data.manifest import ManifestDataset
 
     return split_manifest(ManifestDataset(spec, skips=skips))[0]  # its held-out part is never trained on

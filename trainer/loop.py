@@ -615,7 +615,7 @@ class Run:
         """The held-out set of ``per_skill`` questions per skill (or manifest samples), built once."""
         if per_skill not in self._heldouts:
             budget = max(s.seq_len for s in self.stages)
-            if self.cfg.data == "spatial":
+            if self.cfg.data.partition(":")[0] == "spatial":
                 held = HeldOut.spatial(
                     self.tok, self.encode, seed=self.cfg.seed, per_skill=per_skill, budget=budget
                 )

@@ -62,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help=f"recipe ({', '.join(RECIPES)}; default vlm), post-training ({', '.join(POST_RECIPES)}; "
         f"see trainer/rl) or stages a,b ({', '.join(STAGES)})")
     add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
-    add("--data", default="spatial", help="'spatial' (the embedded data, default) or a JSONL manifest")
-    add("--tokenizer", default="bytes", help="'bytes' (default) or a local Hugging Face tokenizer directory")
+    add("--data", default="spatial",
+        help="'spatial' (the embedded data, default; 'spatial:questions=4,caption=1' sets how many "
+        "questions a scene gets and whether a caption ends it) or a JSONL manifest")
+    add("--tokenizer", default="bytes",
+        help="'bytes' (default), 'words' (bytes plus the embedded data's words), or a local Hugging "
+        "Face tokenizer directory")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="total optimizer steps, split over stages as the recipe's")
     budget.add_argument("--tokens", type=float, help="or a total token budget, split as the recipe's tokens")

@@ -40,7 +40,7 @@ import argparse
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,13 @@ class SpatialConfig:
     mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
     think_prob: float = 0.0  # fraction of answers preceded by a <think>...</think> rationale
     supersample: int = 2
+    # Questions per scene, asked one after another in one conversation: every question after the
+    # first costs its text only, not another picture's tokens and ViT pass.
+    questions: int = 1
+    # End each conversation with "Describe the scene." and a caption that lists the objects near to
+    # far with their depths, then their colours left to right: text the picture predicts, for the
+    # pre-training stages, whose loss also counts the questions (which it does not predict).
+    caption: bool = False
 
     def __post_init__(self) -> None:
         unknown = [k for k, _ in self.mix if k not in KINDS]
@@ -79,6 +86,32 @@ class SpatialConfig:
             raise ValueError(f"SpatialConfig.mix: unknown kinds {unknown}; known: {KINDS}")
         if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
             raise ValueError(f"SpatialConfig: expected 1 <= min_objects <= max_objects <= {len(COLORS)}")
+        if self.questions < 1:
+            raise ValueError(f"SpatialConfig.questions: expected >= 1, got {self.questions}")
+
+
+# What the trainer's embedded source serves (trainer.components): one question per scene. The data
+# spec "spatial:questions=4,caption=1" asks several questions of each scene and ends it with the
+# caption (profiles/20261201_main_job_learning.md has what each did to the default run).
+TRAINING = SpatialConfig()
+
+
+def training_config(options: str = "") -> SpatialConfig:
+    """:data:`TRAINING` with ``options`` applied: "questions=2,caption=0,think_prob=0.5" (the data
+    spec ``spatial:OPTIONS`` of ``--data`` and of a stage's ``data``)."""
+    types = {"questions": int, "caption": lambda v: v.lower() in ("1", "true"), "think_prob": float}
+    changes = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(
+                f"spatial data option {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}"
+            )
+        try:
+            changes[key] = types[key](value)
+        except ValueError:
+            raise ValueError(f"spatial data option {item!r}: bad value {value!r}") from None
+    return replace(TRAINING, **changes)
 
 
 @dataclass(frozen=True)
@@ -252,6 +285,16 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[str, str, st
     return _QUESTIONS[kind](scene, rng)
 
 
+def describe(scene: Scene) -> str:
+    """The scene's caption: "Near to far: red cube 3.1 m, blue sphere 4.0 m. Left to right: blue, red." """
+    near = sorted(range(len(scene.objects)), key=scene.depth)
+    xs = [scene.camera.to_camera(o.center)[0] for o in scene.objects]
+    left = sorted(range(len(scene.objects)), key=lambda k: xs[k])
+    by_depth = ", ".join(f"{scene.objects[k].name} {_fmt(scene.depth(k))} m" for k in near)
+    by_x = ", ".join(scene.objects[k].color for k in left)
+    return f"Near to far: {by_depth}. Left to right: {by_x}."
+
+
 # ----------------------------------------------------------------------------- answers
 
 
@@ -315,16 +358,31 @@ class SpatialDataset:
 
     def __getitem__(self, index: int) -> Conversation:
         scene, kind, question, answer, why = self.sample(index)
+        asked = [(kind, question, answer, why)]
+        # Further questions about the same scene come from their own stream, so sample(index) and
+        # the first turn stay what they are with one question per scene.
+        more = np.random.default_rng([self.seed, index, 2])
+        for _ in range(4 * (self.cfg.questions - 1)):
+            if len(asked) == self.cfg.questions:
+                break
+            k = str(more.choice(self._kinds, p=self._p))
+            qa = ask(scene, k, more)
+            if qa is not None and all(qa[0] != q for _, q, _, _ in asked):
+                asked.append((k, *qa))
         rng = np.random.default_rng([self.seed, index, 1])
-        reply = answer
-        if why is not None and rng.random() < self.cfg.think_prob:
-            reply = f"{THINK}{why}{END_THINK}{answer}"
-        turns = (
-            Turn("user", (Media("image", scene.image), question)),
-            Turn("assistant", (reply,)),
-        )
+        turns = []
+        for n, (_, q, a, w) in enumerate(asked):
+            reply = a
+            if w is not None and rng.random() < self.cfg.think_prob:
+                reply = f"{THINK}{w}{END_THINK}{a}"
+            user = (Media("image", scene.image), q) if n == 0 else (q,)
+            turns += [Turn("user", user), Turn("assistant", (reply,))]
+        if self.cfg.caption:
+            turns += [Turn("user", ("Describe the scene.",)), Turn("assistant", (describe(scene),))]
         meta = {"kind": kind, "question": question, "answer": answer, "index": index}
-        return Conversation(turns, sample_id=f"spatial-{self.seed}-{index}", meta=meta)
+        if len(asked) > 1:
+            meta["asked"] = [{"kind": k, "question": q, "answer": a} for k, q, a, _ in asked]
+        return Conversation(tuple(turns), sample_id=f"spatial-{self.seed}-{index}", meta=meta)
 
 
 def export_spatial(
@@ -344,15 +402,11 @@ def export_spatial(
             media, question = conv.turns[0].parts
             rel = f"images/{i:07d}.png"
             Image.fromarray(media.source).save(out / rel)
-            record = {
-                "id": conv.sample_id,
-                "images": [rel],
-                "messages": [
-                    {"role": "user", "content": f"<image>{question}"},
-                    {"role": "assistant", "content": conv.turns[1].parts[0]},
-                ],
-                "meta": {k: conv.meta[k] for k in ("kind", "answer")},
-            }
+            messages = [{"role": "user", "content": f"<image>{question}"}]
+            messages += [{"role": t.role, "content": t.parts[0]} for t in conv.turns[1:]]
+            record = {"id": conv.sample_id, "images": [rel], "messages": messages}
+            if len(conv.turns) == 2:  # the answer a held-out split of the manifest is scored against
+                record["meta"] = {k: conv.meta[k] for k in ("kind", "answer")}
             f.write(json.dumps(record) + "\n")
     return manifest
 

@@ -94,6 +94,69 @@ class ByteTokenizer:
         return "".join(out)
 
 
+# Whole words of the embedded data (trainer.data.spatial's templates and object names), one id each.
+# A byte-level model spends most of its steps spelling these out: "Which is closer to the camera,
+# the red cube or the blue sphere?" is 63 bytes and 27 ids here (13 words, the spaces, "," and "?").
+WORDS = (
+    # objects (trainer.data.render.COLORS and SHAPES, with plurals)
+    "red", "green", "blue", "yellow", "purple", "cyan", "orange", "gray",
+    "sphere", "cube", "cylinder", "spheres", "cubes", "cylinders", "objects", "object", "none",
+    # question and answer templates
+    "How", "many", "are", "there", "Which", "is", "closer", "to", "the", "camera", "or", "Is", "left",
+    "right", "of", "Sort", "from", "nearest", "farthest", "Give", "bounding", "box", "What", "depth",
+    "in", "meters", "Where", "center", "coordinates", "yes", "no", "Describe", "scene", "Near", "far",
+    "Left", "m", "x", "user", "assistant",
+)  # fmt: skip
+
+
+class WordTokenizer(ByteTokenizer):
+    """:class:`ByteTokenizer` plus one id per word of :data:`WORDS`, after the byte and special ids:
+    268 + len(WORDS) ids. Text is split into runs of letters; a run in the vocabulary is one id,
+    anything else (spaces included) is bytes, so every string still round-trips. A word has the same
+    id wherever it stands, so an answer that names an object of the question copies its ids (with
+    GPT-style " word" tokens the reply's first word would differ from the question's). The embedded
+    data's questions take under half the byte tokenizer's ids (``--tokenizer words``)."""
+
+    name = "words"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._word = {w: self.vocab_size + i for i, w in enumerate(WORDS)}
+        self._word_by_id = {i: w for w, i in self._word.items()}
+        self._runs = re.compile(r"[A-Za-z]+")
+        self.vocab_size += len(WORDS)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._split.split(text):
+            special = self._special.get(piece)
+            if special is not None:
+                ids.append(special)
+                continue
+            at = 0
+            for m in self._runs.finditer(piece):
+                ids.extend(piece[at : m.start()].encode("utf-8"))
+                word = self._word.get(m.group())
+                ids.extend([word] if word is not None else m.group().encode("utf-8"))
+                at = m.end()
+            ids.extend(piece[at:].encode("utf-8"))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        out: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            word = self._word_by_id.get(i)
+            if word is None:
+                run.append(i)
+                continue
+            out.append(super().decode(run))
+            run = []
+            out.append(word)
+        out.append(super().decode(run))
+        return "".join(out)
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory (never downloads)."""
 
@@ -134,16 +197,20 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str = "bytes") -> ByteTokenizer | HFTokenizer:
-    """``"bytes"`` for the byte-level default, otherwise a local Hugging Face tokenizer directory."""
+    """``"bytes"``, ``"words"`` (bytes plus the embedded data's words), otherwise a local Hugging
+    Face tokenizer directory."""
     if spec == "bytes":
         return ByteTokenizer()
+    if spec == "words":
+        return WordTokenizer()
     return HFTokenizer(spec)
 
 
 def model_vocab_size(tokenizer: Tokenizer, preset_vocab: int) -> int:
-    """Embedding rows for ``tokenizer``: the byte tokenizer's 268 ids rounded up to 272 (whatever the
-    preset's own vocabulary); a Hugging Face tokenizer keeps the preset's vocabulary when it fits
-    (Qwen's 151,665 tokens in Qwen3's 151,936 rows), else its size rounded up to a multiple of 64."""
+    """Embedding rows for ``tokenizer``: the byte tokenizer's 268 ids rounded up to 272 and the word
+    tokenizer's 325 to 336 (whatever the preset's own vocabulary); a Hugging Face tokenizer keeps the
+    preset's vocabulary when it fits (Qwen's 151,665 tokens in Qwen3's 151,936 rows), else its size
+    rounded up to a multiple of 64."""
     if isinstance(tokenizer, ByteTokenizer):
         return -(-tokenizer.vocab_size // 16) * 16
     if tokenizer.vocab_size <= preset_vocab:

@@ -128,7 +128,7 @@ class ViTRun:
             self.device
         )
         t0 = time.time()
-        if cfg.data == "spatial":
+        if cfg.data.partition(":")[0] == "spatial":  # its question options do not apply here
             self.images = ImageBank.scenes(cfg.seed, IMAGE_BANK, max_pixels=cfg.max_pixels)
         else:
             self.images = ImageBank.manifest(cfg.data, cfg.max_pixels)
