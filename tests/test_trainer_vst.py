@@ -308,3 +308,29 @@ def test_heldout_on_a_checkpoint_from_the_command_line(tmp_path, monkeypatch, ca
     assert out["data"].startswith("vst") and np.isfinite(out["loss"])
     assert list(out["eval"]) == [*skills, "single/all", "multiview/all", "video/all", "all"]
     assert out["eval"]["video/all"]["total"] == 1 and out["eval"]["all"]["baseline_rule"] == "per skill"
+
+
+def test_answers_batched_across_skills_equal_the_per_skill_ones(tmp_path, monkeypatch):
+    """Mixed-skill batches keep each answer to its own budget: the same answers as trainer.evaluate's
+    one batch per skill; a think budget lengthens the decoding by as many tokens."""
+    import torch
+
+    from trainer import vst_eval
+    from trainer.evaluate import MARGIN, HeldOut, load_checkpoint
+
+    loaded = load_checkpoint(make_run(tmp_path), torch.device("cpu"))
+    short = vst.VSTConfig(video=VideoConfig(duration=(2.0, 2.0)))
+    skills = ["count", "ground2d", "mv_rotation", "vid_when"]
+    held = VSTHeldOut.vst(
+        loaded.tok, loaded.encode, seed=0, per_skill=2, fit_per_skill=1, cfg=short, skills=skills
+    )
+    cpu = torch.device("cpu")
+    mixed = held.answer(loaded.model, cpu, batch=8)
+    per_skill = HeldOut.answer(held, loaded.model, cpu)
+    assert [r.answer for r in mixed] == [r.answer for r in per_skill]
+    assert len({len(r.answer) for r in mixed}) > 1, "budgets differ by skill (the fresh model never stops)"
+    caps, real = [], vst_eval.generate
+    monkeypatch.setattr(vst_eval, "generate", lambda *a, **k: caps.append(a[2]) or real(*a, **k))
+    held.think_tokens = 5
+    held.answer(loaded.model, cpu, batch=8)
+    assert caps == [MARGIN + 5 + max(len(loaded.tok.encode(q.truth)) for q in held.questions)]

@@ -25,11 +25,15 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import ClassVar
 
 import numpy as np
+import torch
+
+from model.generate import generate
+from model.vlm import SeedVLM
 
 from .data import tokenizer as T
 from .data import vst
-from .data.chat import Conversation, EncodeConfig, Turn
-from .evaluate import HeldOut
+from .data.chat import Conversation, EncodeConfig, Turn, encode_conversation
+from .evaluate import MARGIN, HeldOut, decode_reply, packed_images
 from .heldout import CHANCE as SPATIAL_CHANCE
 from .heldout import (
     FIT_STREAM,
@@ -104,19 +108,33 @@ def score_vst(records: Sequence[EvalRecord], baseline: VSTBaseline) -> dict[str,
 
 
 class VSTHeldOut(HeldOut):
-    """trainer.evaluate.HeldOut with the VST skills' verifier, graded score and scoring."""
+    """trainer.evaluate.HeldOut with the VST skills' verifier, graded score and scoring.
+
+    Answers are greedy as there, each cut at its own budget (trainer.evaluate's MARGIN tokens past
+    its truth's length), but batches mix skills: ``batch`` questions in order decode together up
+    to the longest budget among them, and each answer keeps the tokens of its own budget (greedy
+    decoding is causal, so those are what a shorter run gives). Twenty-one skills then take a few
+    batches rather than one batch each, which is what a small model's decoding time depends on.
+
+    ``think_tokens`` (default 0) lengthens every budget by that many tokens, room for a
+    ``<think>`` span before the answer: a model trained on the reasoning variant (VST-R) thinks
+    first. A model that answers at once stops at ``<|im_end|>`` as before, so both are scored alike."""
 
     check = staticmethod(vst.check_answer)
     grade = staticmethod(vst.graded_score)
     score = staticmethod(score_vst)
+    think_tokens = 0
 
     @classmethod
     def vst(
         cls, tok: T.Tokenizer, encode: EncodeConfig, *, seed: int, per_skill: int, budget: int = 4096,
         fit_per_skill: int = 50, cfg: vst.VSTConfig | None = None, skills: Iterable[str] | None = None,
+        think_tokens: int = 0,
     ) -> VSTHeldOut:  # fmt: skip
         """``per_skill`` held-out questions of every VST skill (or of ``skills``); the baseline is
         fitted on ``fit_per_skill`` other questions of each."""
+        if think_tokens < 0:
+            raise ValueError(f"think_tokens: expected >= 0, got {think_tokens}")
         skills = None if skills is None else list(skills)
         questions = vst_questions([seed + HELD_OUT_SEED_OFFSET], per_skill, cfg, skills)
         fit = vst_questions([seed, FIT_STREAM], fit_per_skill, cfg, skills)
@@ -125,4 +143,44 @@ class VSTHeldOut(HeldOut):
             (Conversation((*q.prompt, Turn("assistant", (q.truth,))), q.sample_id), q) for q in questions
         ]
         name = f"vst, {per_skill} held-out questions per skill (seed {seed})"
-        return cls(name, items, baseline, tok, encode, budget=budget)
+        held = cls(name, items, baseline, tok, encode, budget=budget)
+        held.think_tokens = think_tokens
+        return held
+
+    @torch.no_grad()
+    def answer(
+        self, model: SeedVLM, device: torch.device, *, batch: int = 32, max_new_tokens: int | None = None
+    ) -> list[EvalRecord]:
+        """Greedy answers to every question (class docstring), in order."""
+        records = []
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(self.questions), batch):
+                chunk = self.questions[start : start + batch]
+                records += self._answer_batch(model, chunk, device, max_new_tokens)
+        finally:
+            model.train(was_training)
+        return records
+
+    def _answer_batch(
+        self, model: SeedVLM, questions: list[Question], device: torch.device, max_new_tokens: int | None
+    ) -> list[EvalRecord]:
+        prompts = [
+            encode_conversation(
+                Conversation(q.prompt, q.sample_id), self.tok, self.encode, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        caps = [
+            max_new_tokens or MARGIN + self.think_tokens + len(self.tok.encode(q.truth)) for q in questions
+        ]
+        ids = [torch.from_numpy(p.ids).long() for p in prompts]
+        images = packed_images([im for p in prompts for im in p.images], device)
+        outs = generate(model, ids, max(caps), eos_id=self.tok.special_id(T.IM_END), images=images)
+        records = []
+        for q, out, cap in zip(questions, outs, caps, strict=True):
+            text = decode_reply(self.tok, out[:cap].tolist())
+            ok, score = self.check(q.kind, text, q.truth), self.grade(q.kind, text, q.truth)
+            records.append(EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id))
+        return records

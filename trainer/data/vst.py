@@ -44,6 +44,11 @@ single 0.5, multiview 0.25, video 0.25; skills equally within their scenario) an
 picks the variant: 0 gives perception answers only (VST-P), 1 reasoning only (VST-R). Sample ``i``
 is a pure function of (seed, i); its meta names the skill, scenario, answer and video task, so a
 verifier reward (:func:`reward`) needs nothing else.
+
+As a training stage's data (trainer.recipes ``Stage.data``, the ``vst`` recipe) the mix is a spec
+string, ``vst:think=1,single=0.5,multiview=0.25,video=0.25,vid_when=2``: ``think`` the
+``think_prob``, a scenario's name its weight, a skill's name its weight within its scenario; what it
+leaves out keeps VSTConfig's default (:func:`parse_spec`, :func:`format_spec`).
 """
 
 from __future__ import annotations
@@ -109,6 +114,51 @@ class VSTConfig:
             within = sum(v for j, v in skills.items() if SKILLS[j] == SKILLS[k])
             out[k] = live[SKILLS[k]] / total * w / within
         return out
+
+
+SPEC_PREFIX = "vst"
+
+
+def is_spec(spec: str) -> bool:
+    """Whether ``spec`` names VST data (``vst`` or ``vst:...``) rather than, say, a manifest path."""
+    return spec == SPEC_PREFIX or spec.startswith(SPEC_PREFIX + ":")
+
+
+def parse_spec(spec: str) -> VSTConfig:
+    """The VSTConfig of a spec string (module docstring); ValueError naming what is wrong."""
+    if not is_spec(spec):
+        raise ValueError(f"VST data spec {spec!r}: expected 'vst' or 'vst:KEY=VALUE,...'")
+    scenarios, skills = dict(DEFAULT_SCENARIOS), {k: 1.0 for k in SKILLS}
+    think = 0.0
+    body = spec[len(SPEC_PREFIX) + 1 :]
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not math.isfinite(number):
+            raise ValueError(f"VST data spec {spec!r}: {item!r} is not KEY=NUMBER")
+        if key == "think":
+            think = number
+        elif key in scenarios:
+            scenarios[key] = number
+        elif key in skills:
+            skills[key] = number
+        else:
+            raise ValueError(
+                f"VST data spec {spec!r}: unknown key {key!r}; expected think, a scenario "
+                f"{SCENARIOS} or a skill of trainer.data.vst.SKILLS"
+            )
+    return VSTConfig(scenarios=tuple(scenarios.items()), skills=tuple(skills.items()), think_prob=think)
+
+
+def format_spec(cfg: VSTConfig) -> str:
+    """The spec string of ``cfg``'s mix (its non-default skill weights only)."""
+    parts = [f"think={cfg.think_prob:g}", *(f"{s}={w:g}" for s, w in cfg.scenarios)]
+    parts += [f"{k}={w:g}" for k, w in cfg.skills if w != 1.0]
+    return f"{SPEC_PREFIX}:" + ",".join(parts)
 
 
 # ----------------------------------------------------------------------------- new single-image skills
