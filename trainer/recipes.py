@@ -123,6 +123,20 @@ STAGES: dict[str, Stage] = {
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
         seq_len=131_072, steps=200, min_level=LEVEL_RESPONSE,
     ),
+    # Visual Spatial Tuning (--recipe vst, trainer.rl.vst): SFT on perception (VST-P: answers only),
+    # then on reasoning (VST-R: a chain of thought before every answer), each with SFT's settings.
+    # `data` states the mix (trainer.data.vst.parse_spec): the share of reasoning answers, then the
+    # scenarios' weights; the skills weigh equally within a scenario.
+    "vst_p": Stage(
+        "vst_p", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
+        seq_len=131_072, steps=80, min_level=LEVEL_RESPONSE,
+        data="vst:think=0,single=0.5,multiview=0.25,video=0.25",
+    ),
+    "vst_r": Stage(
+        "vst_r", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
+        seq_len=131_072, steps=30, min_level=LEVEL_RESPONSE,
+        data="vst:think=1,single=0.5,multiview=0.25,video=0.25",
+    ),
     # ViT pre-training (Table 2), run by trainer.vit_pretrain: the ViT and its pre-training heads
     # train; seq_len is a step's ViT patches (CPU-scale, like steps); LRs are the paper's at
     # SeedViT's width (trainer.vit_pretrain.scale_vit_stages); warmups the paper's fractions of
@@ -155,6 +169,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
 POST_RECIPES: dict[str, str] = {
     "rl": "reward model -> critic warm-up -> PPO, from --init's model",
     "post": "SFT (the vlm recipe, unless --init) -> reward model -> PPO -> rejection-sampling SFT",
+    "vst": "the vlm recipe (unless --init) -> SFT on VST-P -> SFT on VST-R -> PPO on VST prompts",
 }
 
 

@@ -7,7 +7,9 @@ rejection-sampling fine-tuning rounds.
     workers.py       verifiers in worker processes with a timeout
     reward_model.py  the generative RM: judge prompts, P("yes") scores, list-wise preference training
     prompts.py       general and verifiable prompts from the embedded spatial data, curation
+    vst_prompts.py   verifiable prompts of every VST skill (single image, multi-view, video)
     rollout.py       sampling rollouts and scoring them; packed forwards for log-probs and values
     episode.py       the PPO episode: advantages, mini-batch steps of actor and critic
     run.py           the recipes ``rl`` and ``post`` (RM stage, RL, rejection-sampling rounds)
+    vst.py           the recipe ``vst``: SFT on VST-P, SFT on VST-R, then RL on VST prompts
 """

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from ..recipes import REFERENCE_HIDDEN
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,28 @@ class PostConfig:
         return -(-self.critic_warmup_steps // self.grad_steps_per_episode)
 
 
+# What a recipe changes in PostConfig before the --set overrides apply.
+RECIPE_DEFAULTS: dict[str, dict[str, object]] = {
+    "rl": {},
+    "post": {"rs_rounds": 1},
+    # VST (trainer.rl.vst): verifiable prompts only (every VST skill has a verifier), so no RM
+    # training (the critic starts from the SFT model's yes/no log-odds head); replies carry a
+    # thought after VST-R, hence the longer responses; fewer, smaller episodes, as its rollouts
+    # hold views and videos (several times a single image's tokens).
+    "vst": {
+        "general_frac": 0.0,
+        "rm_steps": 0,
+        "rm_heldout_lists": 0,
+        "max_new_tokens": 160,
+        "episodes": 6,
+        "prompts_per_episode": 8,
+        "critic_warmup_steps": 8,
+        "curate_candidates": 48,
+        "curate_k": 4,
+    },
+}
+
+
 def scale(cfg: PostConfig, hidden: int) -> PostConfig:
     """Learning rates x REFERENCE_HIDDEN / hidden (trainer.recipes.scale_to's rule)."""
     m = REFERENCE_HIDDEN / hidden
@@ -104,20 +129,23 @@ def scale(cfg: PostConfig, hidden: int) -> PostConfig:
     )
 
 
-def apply_overrides(cfg: PostConfig, overrides: list[str]) -> tuple[PostConfig, list[str]]:
+def apply_overrides(cfg: T, overrides: list[str], prefix: str = "rl") -> tuple[T, list[str]]:
     """``rl.FIELD=VALUE`` overrides applied (after scaling: a learning rate set here is used as
-    given); returns the config and the overrides that are not ``rl.*`` (for the SFT stages)."""
-    fields = {f.name: f.type for f in dataclasses.fields(PostConfig)}
+    given); returns the config and the overrides that are not ``rl.*`` (for the SFT stages). Any
+    frozen settings dataclass takes its own ``prefix`` (trainer.rl.vst: ``vst.FIELD=VALUE``)."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cfg)}
     changes, rest = {}, []
     for item in overrides:
         key, sep, value = item.partition("=")
         target, _, name = key.partition(".")
-        if target != "rl":
+        if target != prefix:
             rest.append(item)
             continue
         if not sep or name not in fields:
-            raise ValueError(f"override {item!r}: expected rl.FIELD=VALUE with FIELD one of {sorted(fields)}")
-        typ = str(fields[name])
+            raise ValueError(
+                f"override {item!r}: expected {prefix}.FIELD=VALUE with FIELD one of {sorted(fields)}"
+            )
+        typ = fields[name]
         try:
             if typ == "bool":
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -125,10 +153,13 @@ def apply_overrides(cfg: PostConfig, overrides: list[str]) -> tuple[PostConfig, 
                 changes[name] = value.lower() in ("true", "1")
             elif typ == "int":
                 changes[name] = int(float(value))
+            elif typ == "str":
+                changes[name] = value
             else:
                 changes[name] = float(value)
         except ValueError:
             raise ValueError(
-                f"override {item!r}: rl.{name} expects {'an integer' if typ == 'int' else typ}, got {value!r}"
+                f"override {item!r}: {prefix}.{name} expects {'an integer' if typ == 'int' else typ}, "
+                f"got {value!r}"
             ) from None
     return replace(cfg, **changes), rest

@@ -19,6 +19,7 @@ model scores reaches ``min_spread`` (the responses differ enough for the RM to t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,16 +40,23 @@ class Prompt:
     kind: str  # a spatial skill, or "describe"
     text: str  # the question
     truth: str  # the reference answer
-    image: np.ndarray = field(repr=False, compare=False)
+    image: np.ndarray = field(repr=False, compare=False)  # the (first) image
     key: tuple[int, ...] = ()  # (seed, stream, index): what drew it
+    # The user turn when it is more than the image and the question (views, a video): its media
+    # and texts in order, the question last (trainer.rl.vst_prompts).
+    parts: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def ptype(self) -> str:
         return GENERAL if self.kind == DESCRIBE else VERIFIABLE
 
+    @property
+    def user_parts(self) -> tuple:
+        return self.parts or (Media("image", self.image), self.text)
+
     def encode(self, tok: Tokenizer, cfg: EncodeConfig) -> EncodedSample:
-        """The chat prompt up to ``<|im_start|>assistant\\n``, with the image's placeholders."""
-        conv = Conversation((Turn("user", (Media("image", self.image), self.text)),), f"rl-{self.key}")
+        """The chat prompt up to ``<|im_start|>assistant\\n``, with the media's placeholders."""
+        conv = Conversation((Turn("user", self.user_parts),), f"rl-{self.key}")
         return encode_conversation(conv, tok, cfg, add_generation_prompt=True)
 
 
@@ -72,8 +80,15 @@ def make_prompt(seed: int, stream: int, index: int, general_frac: float) -> Prom
     return Prompt(kind, qa[0], qa[1], scene.image, key)
 
 
-def make_prompts(seed: int, stream: int, start: int, n: int, general_frac: float) -> list[Prompt]:
-    return [make_prompt(seed, stream, i, general_frac) for i in range(start, start + n)]
+# A prompt source is a function of (seed, stream, index, general_frac) -> Prompt, pure in its
+# arguments: make_prompt (the seven spatial skills) or trainer.rl.vst_prompts.VSTPrompts.
+PromptSource = Callable[[int, int, int, float], Prompt]
+
+
+def make_prompts(
+    seed: int, stream: int, start: int, n: int, general_frac: float, source: PromptSource = make_prompt
+) -> list[Prompt]:
+    return [source(seed, stream, i, general_frac) for i in range(start, start + n)]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from model.vlm import SeedVLM
 
 from ..components import param_groups
 from ..data import tokenizer as T
-from ..data.chat import LEVEL_RESPONSE, Conversation, EncodeConfig, Media, Turn, encode_conversation
+from ..data.chat import LEVEL_RESPONSE, Conversation, EncodeConfig, Turn, encode_conversation
 from ..data.packer import IGNORE_INDEX, pack
 from .config import PostConfig
-from .prompts import RS_STREAM, make_prompts
+from .prompts import RS_STREAM, PromptSource, make_prompt, make_prompts
 from .rewards import is_repetitive
 from .rollout import sample_rollouts
 from .workers import VerifierPool
@@ -58,8 +58,9 @@ def rejection_round(
     seed: int,
     round_index: int,
     device: torch.device,
+    source: PromptSource = make_prompt,
 ) -> dict:
-    prompts = make_prompts(seed, RS_STREAM, round_index * s.rs_prompts, s.rs_prompts, general_frac=0.0)
+    prompts = make_prompts(seed, RS_STREAM, round_index * s.rs_prompts, s.rs_prompts, 0.0, source)
     gen = torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, RS_STREAM, round_index]).generate_state(1)[0])
     )
@@ -81,9 +82,7 @@ def rejection_round(
         return out
     samples = []
     for r in kept:
-        conv = Conversation(
-            (Turn("user", (Media("image", r.prompt.image), r.prompt.text)), Turn("assistant", (r.text,)))
-        )
+        conv = Conversation((Turn("user", r.prompt.user_parts), Turn("assistant", (r.text,))))
         samples.append(encode_conversation(conv, tok, encode))
     batches = pack(samples, BUDGET, min_level=LEVEL_RESPONSE, image_token_id=tok.image_token_id)
     actor.train()

@@ -3,6 +3,7 @@
 
     rl    RM stage -> critic warm-up -> PPO episodes                      (from --init's model)
     post  SFT (the vlm recipe, unless --init) -> RM stage -> [PPO -> rejection-sampling SFT] x rounds
+    vst   the VST SFT stages, then RL on VST prompts (trainer.rl.vst, a subclass of PostTraining)
 
 Output (``--out``, default runs/<recipe>-<preset>): ``rm/`` (the reward model's checkpoint and its
 held-out ranking accuracy), ``curation.json`` (the curated prompts), ``checkpoints/`` (actor,
@@ -42,16 +43,24 @@ from ..evaluate import CheckpointError, HeldOut, find_checkpoint, load_checkpoin
 from ..loop import Preempted
 from ..recipes import POST_RECIPES as RECIPES
 from . import reward_model as RM
-from .config import PostConfig, apply_overrides, scale
+from .config import RECIPE_DEFAULTS, PostConfig, apply_overrides, scale
 from .episode import ppo_update, score_rollouts
-from .prompts import CURATE_STREAM, RM_HELDOUT_STREAM, RM_STREAM, curate, make_prompt, make_prompts
+from .prompts import (
+    CURATE_STREAM,
+    RM_HELDOUT_STREAM,
+    RM_STREAM,
+    PromptSource,
+    curate,
+    make_prompt,
+    make_prompts,
+)
 from .rejection import rejection_round
 from .rewards import verify_job
 from .rollout import Critic, sample_rollouts, suppressed
 from .workers import VerifierPool
 
 log = logging.getLogger("trainer.rl")
-_OWN = ("rm", "sft", "curation.json", "eval_before.json", "rl.png")
+_OWN = ("rm", "sft", "curation.json", "eval_before.json", "rl.png")  # removed by --overwrite
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -66,6 +75,7 @@ class PostTraining:
         if cfg.recipe == "rl" and cfg.init is None:
             raise SetupError("--recipe rl: starts from a trained model; pass --init <run or checkpoint>")
         self.cfg = cfg
+        self.source: PromptSource = make_prompt  # RL prompts: the seven spatial skills
         self.out = prepare_out_dir(cfg)
         if cfg.overwrite:
             for name in _OWN:
@@ -82,30 +92,53 @@ class PostTraining:
     def run(self) -> dict:
         t0 = time.time()
         cfg = self.cfg
+        rl_sets = self._rl_overrides()
         init = cfg.init
         if init is None:  # post without --init: the SFT model first (the whole vlm recipe)
             init = self._sft()
+        loaded = self._load(init)
+        self.s = self._settings(rl_sets)
+        summary: dict = {"out": str(self.out), "recipe": cfg.recipe, "init": str(loaded.path)}
+        summary["eval_before"] = self._eval_before(loaded.model)
+        return self._post(loaded, summary, t0)
+
+    def _load(self, init: Path):
+        """The model of run or checkpoint ``init`` (trainer.evaluate.Loaded); its tokenizer and image
+        budget become the run's."""
         try:
-            loaded = load_checkpoint(init, self.device, max_pixels=cfg.max_pixels)
+            loaded = load_checkpoint(init, self.device, max_pixels=self.cfg.max_pixels)
         except CheckpointError as err:
             raise SetupError(f"--init {init}: {err}") from err
         self.tok, self.encode = loaded.tok, loaded.encode
         self.model_cfg = loaded.model.cfg
-        self.init_ckpt = loaded.path
-        try:
-            s, rest = apply_overrides(scale(PostConfig(), self.model_cfg.llm.hidden), cfg.overrides)
-        except ValueError as err:
-            raise SetupError(str(err)) from err
-        if cfg.recipe == "post" and not any(o.startswith("rl.rs_rounds=") for o in cfg.overrides):
-            s = replace(s, rs_rounds=1)
-        if rest and cfg.init is not None:
+        return loaded
+
+    def _rl_overrides(self) -> list[str]:
+        """The --set items for PostConfig; any other is an error once --init skips the SFT run."""
+        rest = [o for o in self.cfg.overrides if not o.startswith("rl.")]
+        if rest and self.cfg.init is not None:
             raise SetupError(
                 f"--set {rest[0]}: post-training takes rl.FIELD=VALUE (see trainer/rl/config.py)"
             )
-        self.s = s
+        return [o for o in self.cfg.overrides if o.startswith("rl.")]
+
+    def _settings(self, overrides: list[str]) -> PostConfig:
+        """PostConfig scaled to the model, with the recipe's defaults (config.RECIPE_DEFAULTS), then
+        the ``rl.FIELD=VALUE`` overrides."""
+        defaults = RECIPE_DEFAULTS.get(self.cfg.recipe, {})
+        try:
+            s = replace(scale(PostConfig(), self.model_cfg.llm.hidden), **defaults)
+            s, _ = apply_overrides(s, overrides)
+        except ValueError as err:
+            raise SetupError(str(err)) from err
+        return s
+
+    def _post(self, loaded, summary: dict, t0: float) -> dict:
+        """RM stage, curation, RL (and rejection-sampling rounds) from ``loaded``'s model, the final
+        evaluation, plots and summary.json (``summary`` holds what came before)."""
+        cfg, s = self.cfg, self.s
+        self.init_ckpt = loaded.path
         log.info("post-training %s from %s: %s", cfg.recipe, self.init_ckpt, s)
-        summary: dict = {"out": str(self.out), "recipe": cfg.recipe, "init": str(self.init_ckpt)}
-        summary["eval_before"] = self._eval_before(loaded.model)
         rm, summary["reward_model"] = self._reward_model(loaded.model)
         summary["curation"] = self._curate(loaded.model, rm)
         summary.update(self._rl(loaded.model, rm))
@@ -149,10 +182,12 @@ class PostTraining:
         if self.cfg.eval_samples == 0:
             return _NoEval()
         if not hasattr(self, "heldout"):
-            self.heldout = HeldOut.spatial(
-                self.tok, self.encode, seed=self.cfg.seed, per_skill=self.cfg.eval_samples
-            )
+            self.heldout = self._heldout()
         return self.heldout.evaluate(model, self.device)
+
+    def _heldout(self) -> HeldOut:
+        """The held-out questions before and after: ``--eval-samples`` per spatial skill."""
+        return HeldOut.spatial(self.tok, self.encode, seed=self.cfg.seed, per_skill=self.cfg.eval_samples)
 
     def _eval_before(self, model: SeedVLM) -> dict:
         path = self.out / "eval_before.json"
@@ -220,12 +255,13 @@ class PostTraining:
             "pairwise_accuracy_before": before,
             "pairwise_accuracy": after,
         }
-        log.info(
-            "RM held-out pairwise ranking accuracy %.3f (before training %.3f): %s",
-            after["all"],
-            before["all"],
-            after,
-        )
+        if heldout:
+            log.info(
+                "RM held-out pairwise ranking accuracy %.3f (before training %.3f): %s",
+                after["all"],
+                before["all"],
+                after,
+            )
         Checkpointer(root, keep=1).save(s.rm_steps, rm, opt, {"run": {"preset": "rm"}})
         done.write_text(json.dumps(result, indent=1) + "\n")
         return rm, result
@@ -245,7 +281,9 @@ class PostTraining:
         if path.exists():
             saved = json.loads(path.read_text())
         else:
-            cands = make_prompts(self.cfg.seed, CURATE_STREAM, 0, s.curate_candidates, s.general_frac)
+            cands = make_prompts(
+                self.cfg.seed, CURATE_STREAM, 0, s.curate_candidates, s.general_frac, self.source
+            )
             if s.curate_k == 0:
                 saved = {
                     "keys": [p.key for p in cands],
@@ -330,6 +368,7 @@ class PostTraining:
                                 seed=cfg.seed,
                                 round_index=r,
                                 device=self.device,
+                                source=self.source,
                             )
                         )
                         runlog.event("rejection_sampling", episode=state["episode"], **rs_results[-1])
@@ -358,7 +397,7 @@ class PostTraining:
         s, t0 = self.s, time.time()
         n = s.prompts_per_episode
         keys = [self.pool_keys[(e * n + j) % len(self.pool_keys)] for j in range(n)]
-        prompts = [make_prompt(*k[:3], s.general_frac) for k in keys]
+        prompts = [self.source(*k[:3], s.general_frac) for k in keys]
         counts = [s.samples_general if p.ptype == "general" else s.samples_verifiable for p in prompts]
         gen = _generator(self.cfg.seed, 1000 + e)
         rolls = sample_rollouts(
@@ -485,11 +524,19 @@ def plot_rl(records: list[dict], png: Path) -> Path | None:
 
 def run(cfg: RunConfig) -> dict:
     """Run the post-training recipe ``cfg.recipe``; returns the summary (also <out>/summary.json)."""
+    if cfg.recipe == "vst":
+        from .vst import VSTTraining
+
+        return VSTTraining(cfg).run()
     return PostTraining(cfg).run()
 
 
 def report(summary: dict) -> str:
     """What trainer/run.py prints at the end: the RM's accuracy, curation, and accuracy per skill."""
+    if summary["recipe"] == "vst":
+        from .vst import report as vst_report
+
+        return vst_report(summary)
     lines = [f"done in {summary['wall_s']:.0f} s: {summary['recipe']} from {summary['init']}"]
     rm = summary["reward_model"]
     lines.append(
