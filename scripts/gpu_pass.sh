@@ -36,7 +36,7 @@ PLAN=(
   "setup:90:carried wheels; import the carried _C, else build it for sm_90a only"
   "selfcheck:60:every op x implementation at real sizes in bf16 vs fp64 (python -m seedvl_kernels.selfcheck --size real)"
   "tests:120:pytest -m gpu in ${GPU_PASS_SHARDS:-6} parallel shards (Triton compiles overlap)"
-  "bench:90:curated rows vs the strongest peer without a compile: attention 1k-image ViT pack + 16k LLM pack, MoE 235B balanced + Zipf, pool_adapter, rope_2d, ring merge"
+  "bench:90:curated rows vs the strongest peer without a compile: attention 1k-image ViT pack + 16k LLM pack, MoE 235B balanced + Zipf, pool_adapter, rope_2d, ring merge, GQA dK/dV split"
   "full:30:the rest of the benchmark matrix with torch.compile peers and autotune search (saved), until the deadline"
 )
 
@@ -157,9 +157,29 @@ CURATED_K+=" or (rope_2d and 65536 and bfloat16 and (triton or cuda))"
 CURATED_K+=" or (ring_attention and merge)"  # issue 19: the fused (out, lse) merge vs the eager chain
 
 stage_bench() {
+  local rc=0
   SEEDVL_BENCH_JSONL="$OUT/bench.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_curated" \
     SEEDVL_BENCH_PEERS=copy,torch_varlen,sdpa_per_image,grouped_mm,loop,eager_unfused \
-    "$PY" -m pytest bench/ -q -rs -p no:cacheprovider --benchmark-disable -k "$CURATED_K"
+    "$PY" -m pytest bench/ -q -rs -p no:cacheprovider --benchmark-disable -k "$CURATED_K" || rc=$?
+  # Issue 19: dK/dV's GQA split (profiles/varlen_attention_gqa_bwd.md): the backward of one 2k-token
+  # causal sequence, Hq 32 / Hkv 4, D 128, bf16, with dkdv_splits' rule (4 parts) and with none.
+  "$PY" - >>"$OUT/gqa_bwd.jsonl" <<'PY' || rc=1
+import importlib, json, torch, triton
+from seedvl_kernels import varlen_attention
+vat = importlib.import_module("seedvl_kernels.varlen_attention_triton")
+L, hq, hkv, d, dev = 2048, 32, 4, 128, torch.device("cuda")
+q, k, v = (torch.randn(L, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for h in (hq, hkv, hkv))
+cu = torch.tensor([0, L], dtype=torch.int32, device=dev)
+out = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=L, causal=True, impl="triton")
+g, rule = torch.randn_like(out), vat.dkdv_splits
+tiles = -(-L // vat.tiles_for(dev, d, L, L).dkdv_n)
+for splits in (rule(tiles, hkv, hq // hkv, vat._num_sms(dev)), 1):
+    vat.dkdv_splits = lambda *a, s=splits: s
+    ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True))
+    print(json.dumps({"op": "varlen_attention_bwd", "case": "1x2k causal Hq32 Hkv4 D128 bf16",
+                      "dkdv_splits": splits, "key_tiles": tiles, "ms": ms}))
+PY
+  return $rc
 }
 
 stage_full() {

@@ -27,7 +27,9 @@ Backward (deterministic: no atomics, fixed reduction order).
    that P = exp2(S - lse2) is exactly 0 on rows that see no key), both (Hq, T) fp32.
 2. dK/dV: one program per (key tile, KV head) holds K, V, dK, dV and walks the query blocks that
    see its keys (causal: from the diagonal on) of every query head of its group, so dK, dV of a
-   GQA group are summed in registers.
+   GQA group are summed in registers. When few key tiles x KV heads would leave SMs idle, each
+   group is split into parts, one program per (key tile, KV head, part) writing fp32 partials
+   that one torch sum over the part axis reduces (dkdv_splits).
 3. dQ: one program per (query tile, head) recomputes P and dS over its visible keys.
 The out and lse given are used as they are (ring attention passes the global ones).
 
@@ -137,6 +139,30 @@ def tiles_for(device: torch.device, head_dim: int, max_seqlen_q: int, max_seqlen
         dkdv_n=big_n,
         rope_rows=32,
     )
+
+
+def dkdv_splits(num_tiles: int, num_kv_heads: int, group: int, num_sms: int) -> int:
+    """Into how many parts the dK/dV kernel splits each KV head's group of query heads (1: none).
+
+    One dK/dV program per (key tile, KV head) sums its whole GQA group, so a pack of few key tiles
+    with few KV heads (2k tokens, 4 KV heads, 64-row tiles: 128 programs, one per SM of an H100)
+    lasts as long as its longest program (causal: the first key tile, all query rows of 8 heads).
+    Rule: double the split while the grid holds fewer than two programs per SM and the split still
+    divides the group; each split then costs one more read of
+    the tile's K and V and an fp32 partial of dK and dV (written, then summed by the launcher in a
+    fixed order: deterministic). ``num_sms`` 0 (the interpreter, which runs programs one by one):
+    no split. profiles/varlen_attention_gqa_bwd.md has the program counts."""
+    splits = 1
+    while num_sms > 0 and num_tiles * num_kv_heads * splits < 2 * num_sms and group % (2 * splits) == 0:
+        splits *= 2
+    return splits
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` for dkdv_splits, 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -291,13 +317,22 @@ def launch_bwd(
     )
     num_seqs, scale = cu_q.numel() - 1, p.softmax_scale
     if Tk > 0:
-        _varlen_attention_bwd_dkdv_kernel[(s_kv.num_table * Hkv + triton.cdiv(Tk, PAD_ROWS),)](
-            q, k, v, dout, lse2, delta, dk, dv, s_kv.records, s_kv.table, cu_k, cs,
-            num_seqs, s_kv.num_table, T, Tk, Hkv, Hq // Hkv, scale * LOG2E, scale,
+        group = Hq // Hkv
+        splits = dkdv_splits(s_kv.num_table, Hkv, group, _num_sms(q.device))
+        dk_, dv_ = dk, dv
+        if splits > 1:  # fp32 partials, (Tk, Hkv, splits, D): one per part of each KV head's group
+            dk_ = torch.empty((Tk, Hkv * splits, D), dtype=torch.float32, device=q.device)
+            dv_ = torch.empty_like(dk_)
+        _varlen_attention_bwd_dkdv_kernel[(s_kv.num_table * Hkv * splits + triton.cdiv(Tk, PAD_ROWS),)](
+            q, k, v, dout, lse2, delta, dk_, dv_, s_kv.records, s_kv.table, cu_k, cs,
+            num_seqs, s_kv.num_table, T, Tk, Hkv, group, splits, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dout.stride(0), dout.stride(1), dk_.stride(0), dk_.stride(1), dv_.stride(0), dv_.stride(1),
             **_kernel_args(D, rope, p.causal, tiles.dkdv_m, tiles.dkdv_n, q.dtype),
         )  # fmt: skip
+        if splits > 1:  # the reduction over the split axis: a plain sum (no atomics), same order each run
+            dk.copy_(dk_.view(Tk, Hkv, splits, D).sum(2))
+            dv.copy_(dv_.view(Tk, Hkv, splits, D).sum(2))
     if T > 0:
         _varlen_attention_bwd_dq_kernel[(s_q.num_table * Hq + triton.cdiv(T, PAD_ROWS),)](
             q, k, v, dout, lse2, delta, dq, s_q.records, s_q.table, cu_q, cs,

@@ -1,8 +1,10 @@
 """Backward kernels of varlen_attention's Triton implementation (design: varlen_attention_triton.py).
 
 Deterministic (no atomics): a preprocess kernel (delta = rowsum(dO * O) - dlse, lse in log2 units),
-one program per (key tile, KV head) for dK and dV summed over the query heads of its GQA group, and
-one program per (query tile, head) for dQ. With RoPE, q and k are the rotated tensors the forward
+one program per (key tile, KV head, split) for dK and dV summed over the query heads of one of the
+``splits`` equal parts of its GQA group, and one program per (query tile, head) for dQ. With more
+than one split the programs write fp32 partials, one per split, that the launcher sums in a fixed
+order (varlen_attention_triton.dkdv_splits says when). With RoPE, q and k are the rotated tensors the forward
 saved, and dQ, dK are rotated back in registers before they are stored.
 """
 
@@ -120,7 +122,7 @@ def _dkdv_blocks(
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "total_q", "total_k"])
 def _varlen_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, rec_ptr, table_ptr, cu_k_ptr, cs_ptr,
-    num_seqs, num_table, total_q, total_k, num_kv_heads, group, qk_scale, sm_scale,
+    num_seqs, num_table, total_q, total_k, num_kv_heads, group, splits, qk_scale, sm_scale,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_do_t, stride_do_h,
     stride_dk_t, stride_dk_h, stride_dv_t, stride_dv_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr,
@@ -128,20 +130,26 @@ def _varlen_attention_bwd_dkdv_kernel(
     DOT_PREC: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, SPLIT_D: tl.constexpr,
     EVEN_DB: tl.constexpr,
 ):  # fmt: skip
+    # Output heads: (KV head, split) pairs, out_head = kv_head * splits + split; dk_ptr and dv_ptr
+    # hold num_kv_heads * splits heads (the partials) and out_head's programs sum the query heads
+    # [out_head * per_split, (out_head + 1) * per_split), a contiguous part of kv_head's group.
     pid = tl.program_id(0)
-    num_work = num_table * num_kv_heads
+    num_out = num_kv_heads * splits
+    num_work = num_table * num_out
     if pid >= num_work:  # padding key rows: zero gradients
         lo, hi = _padding_range(cu_k_ptr, num_seqs, total_k, pid - num_work, PAD)
-        _zero_rows(dk_ptr, stride_dk_t, stride_dk_h, lo, hi, num_kv_heads, HEAD_DIM, BLOCK_D, BLOCK_N)
-        _zero_rows(dv_ptr, stride_dv_t, stride_dv_h, lo, hi, num_kv_heads, HEAD_DIM, BLOCK_D, BLOCK_N)
+        _zero_rows(dk_ptr, stride_dk_t, stride_dk_h, lo, hi, num_out, HEAD_DIM, BLOCK_D, BLOCK_N)
+        _zero_rows(dv_ptr, stride_dv_t, stride_dv_h, lo, hi, num_out, HEAD_DIM, BLOCK_D, BLOCK_N)
         return
-    i = tl.load(table_ptr + pid // num_kv_heads)
+    i = tl.load(table_ptr + pid // num_out)
     if i >= num_seqs:
         return
     tile0, ntiles, k0, lk, q0, lq = _tile(rec_ptr, i, num_seqs)
-    local = pid - tile0 * num_kv_heads
-    kv_head = local // ntiles
-    start_n = (local - kv_head * ntiles) * BLOCK_N
+    local = pid - tile0 * num_out
+    out_head = local // ntiles
+    kv_head = out_head // splits
+    per_split = group // splits
+    start_n = (local - out_head * ntiles) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < lk
     rows_k = (k0 + offs_n).to(tl.int64)[:, None]
@@ -169,8 +177,8 @@ def _varlen_attention_bwd_dkdv_kernel(
         m_mid = 0
     q_base = q_ptr + q0.to(tl.int64) * stride_q_t
     do_base = dout_ptr + q0.to(tl.int64) * stride_do_t
-    for g in range(group):
-        head = kv_head * group + g
+    for g in range(per_split):
+        head = out_head * per_split + g
         qh, doh = q_base + head * stride_q_h, do_base + head * stride_do_h
         lse2_base, delta_base = lse2_ptr + head * total_q + q0, delta_ptr + head * total_q + q0
         dk, dv, dk_b, dv_b = _dkdv_blocks(
@@ -185,8 +193,8 @@ def _varlen_attention_bwd_dkdv_kernel(
         )  # fmt: skip
     # dk of the unrotated k with RoPE: the inverse rotation, sin/cos of this tile's rows from the table
     dk = _finish_grad(dk * sm_scale, cs_ptr, k0 + offs_n, n_valid, HEAD_DIM, BLOCK_DA, 0, BLOCK_N, ROPE)
-    dk_rows = dk_ptr + rows_k * stride_dk_t + kv_head * stride_dk_h
-    dv_rows = dv_ptr + rows_k * stride_dv_t + kv_head * stride_dv_h
+    dk_rows = dk_ptr + rows_k * stride_dk_t + out_head * stride_dk_h
+    dv_rows = dv_ptr + rows_k * stride_dv_t + out_head * stride_dv_h
     mask = n_valid[:, None] & dmask[None, :]
     tl.store(dk_rows + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mask)
     tl.store(dv_rows + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)

@@ -161,6 +161,36 @@ def test_matches_reference_at_the_gpu_tiles(monkeypatch, case):
     _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
 
 
+def test_dkdv_splits_rule():
+    # 2k tokens, 4 KV heads, 64-row key tiles on 132 SMs: 128 programs -> 256 -> 512 (>= 2 per SM)
+    assert vat.dkdv_splits(32, 4, 8, 132) == 4
+    assert vat.dkdv_splits(224, 4, 8, 132) == 1  # the 14k-token LLM pack already fills the GPU
+    assert vat.dkdv_splits(1, 1, 6, 132) == 2  # a split always divides the group
+    assert vat.dkdv_splits(1, 4, 1, 132) == 1  # no GQA: nothing to split
+    assert vat.dkdv_splits(1, 1, 8, 0) == 1  # the interpreter
+
+
+# The GQA split of dK/dV (dkdv_splits > 1: fp32 partials per part of each group, summed by the
+# launcher) at the sm_90 tiles, with the SM count of an H100 so that the rule splits (4 parts).
+GQA_SPLIT_CASES = {
+    "d128_causal": dict(lens_q=[140, 1, 30], hq=8, hkv=2, d=128, causal=True, pad_q=2),
+    "d64_rope": dict(lens_q=[150, 1, 0, 37], hq=4, hkv=1, d=64, rope=True, pad_q=3),
+}
+
+
+@pytest.mark.parametrize("case", list(GQA_SPLIT_CASES))
+def test_gqa_split_dkdv_at_the_gpu_tiles(monkeypatch, case):
+    inputs, call = _split(GQA_SPLIT_CASES[case])
+    gpu = vat.tiles_for(torch.device("cuda"), inputs["d"], 256, 256)
+    monkeypatch.setattr(vat, "tiles_for", lambda *args: gpu)
+    monkeypatch.setattr(vat, "_num_sms", lambda device: 132)
+    chosen, rule = [], vat.dkdv_splits
+    monkeypatch.setattr(vat, "dkdv_splits", lambda *args: chosen.append(rule(*args)) or chosen[-1])
+    q, k, v, kw = _case(**inputs)
+    _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
+    assert chosen == [4], chosen
+
+
 def test_fwd_op_returns_rotated_q_and_k():
     q, k, v, kw = _case([5, 21], hq=2, hkv=1, d=16, pad_q=3, rope=True)
     args = (q, k, v, kw["cu_seqlens"], kw["cu_seqlens"], 21, 21, False, 0.25, kw["pos_hw"], 1e4)
