@@ -76,8 +76,12 @@ class ByteTokenizer:
             if special is not None:
                 ids.append(special)
             elif piece:
-                ids.extend(piece.encode("utf-8"))
+                ids.extend(self._encode_text(piece))
         return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Ids of text that holds no special token."""
+        return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         out, run = [], bytearray()
@@ -126,20 +130,15 @@ class WordTokenizer(ByteTokenizer):
         self._runs = re.compile(r"[A-Za-z]+")
         self.vocab_size += len(WORDS)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:
         ids: list[int] = []
-        for piece in self._split.split(text):
-            special = self._special.get(piece)
-            if special is not None:
-                ids.append(special)
-                continue
-            at = 0
-            for m in self._runs.finditer(piece):
-                ids.extend(piece[at : m.start()].encode("utf-8"))
-                word = self._word.get(m.group())
-                ids.extend([word] if word is not None else m.group().encode("utf-8"))
-                at = m.end()
-            ids.extend(piece[at:].encode("utf-8"))
+        at = 0
+        for m in self._runs.finditer(text):
+            ids.extend(text[at : m.start()].encode("utf-8"))
+            word = self._word.get(m.group())
+            ids.extend([word] if word is not None else m.group().encode("utf-8"))
+            at = m.end()
+        ids.extend(text[at:].encode("utf-8"))
         return ids
 
     def decode(self, ids: list[int]) -> str:
