@@ -315,7 +315,7 @@ def test_answers_batched_across_skills_equal_the_per_skill_ones(tmp_path, monkey
     one batch per skill; a think budget lengthens the decoding by as many tokens."""
     import torch
 
-    from trainer import vst_eval
+    from trainer import evaluate
     from trainer.evaluate import MARGIN, HeldOut, load_checkpoint
 
     loaded = load_checkpoint(make_run(tmp_path), torch.device("cpu"))
@@ -326,11 +326,13 @@ def test_answers_batched_across_skills_equal_the_per_skill_ones(tmp_path, monkey
     )
     cpu = torch.device("cpu")
     mixed = held.answer(loaded.model, cpu, batch=8)
-    per_skill = HeldOut.answer(held, loaded.model, cpu)
+    with monkeypatch.context() as m:  # trainer.evaluate's batching: one skill per batch
+        m.setattr(held, "_batches", lambda batch: HeldOut._batches(held, batch))
+        per_skill = held.answer(loaded.model, cpu)
     assert [r.answer for r in mixed] == [r.answer for r in per_skill]
     assert len({len(r.answer) for r in mixed}) > 1, "budgets differ by skill (the fresh model never stops)"
-    caps, real = [], vst_eval.generate
-    monkeypatch.setattr(vst_eval, "generate", lambda *a, **k: caps.append(a[2]) or real(*a, **k))
+    caps, real = [], evaluate.generate
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: caps.append(a[2]) or real(*a, **k))
     held.think_tokens = 5
     held.answer(loaded.model, cpu, batch=8)
     assert caps == [MARGIN + 5 + max(len(loaded.tok.encode(q.truth)) for q in held.questions)]

@@ -22,7 +22,7 @@ import itertools
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,13 +166,23 @@ class HeldOut:
         was_training = model.training
         model.eval()
         try:
-            for _, same_kind in itertools.groupby(self.questions, key=lambda q: q.kind):
-                group = list(same_kind)
-                for start in range(0, len(group), batch):
-                    records += self._answer_batch(model, group[start : start + batch], device, max_new_tokens)
+            for chunk in self._batches(batch):
+                records += self._answer_batch(model, chunk, device, max_new_tokens)
         finally:
             model.train(was_training)
         return records
+
+    def _batches(self, batch: int) -> Iterator[list[Question]]:
+        """The questions in generation batches: one kind per batch, so its answers are alike in length."""
+        for _, same_kind in itertools.groupby(self.questions, key=lambda q: q.kind):
+            group = list(same_kind)
+            for start in range(0, len(group), batch):
+                yield group[start : start + batch]
+
+    def _caps(self, questions: list[Question], max_new_tokens: int | None) -> list[int]:
+        """Tokens each answer may take: the batch's longest truth and a margin."""
+        cap = max_new_tokens or MARGIN + max(len(self.tok.encode(q.truth)) for q in questions)
+        return [cap] * len(questions)
 
     def _answer_batch(
         self, model: SeedVLM, questions: list[Question], device: torch.device, max_new_tokens: int | None
@@ -183,13 +193,13 @@ class HeldOut:
             )
             for q in questions
         ]
-        cap = max_new_tokens or MARGIN + max(len(self.tok.encode(q.truth)) for q in questions)
+        caps = self._caps(questions, max_new_tokens)
         ids = [torch.from_numpy(p.ids).long() for p in prompts]
         images = packed_images([im for p in prompts for im in p.images], device)
-        outs = generate(model, ids, cap, eos_id=self.tok.special_id(T.IM_END), images=images)
+        outs = generate(model, ids, max(caps), eos_id=self.tok.special_id(T.IM_END), images=images)
         records = []
-        for q, out in zip(questions, outs, strict=True):
-            text = decode_reply(self.tok, out.tolist())
+        for q, out, cap in zip(questions, outs, caps, strict=True):
+            text = decode_reply(self.tok, out[:cap].tolist())
             ok, score = self.check(q.kind, text, q.truth), self.grade(q.kind, text, q.truth)
             records.append(EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id))
         return records

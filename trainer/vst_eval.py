@@ -21,19 +21,15 @@ then ``single/all``, ``multiview/all``, ``video/all`` and ``all``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import ClassVar
 
 import numpy as np
-import torch
-
-from model.generate import generate
-from model.vlm import SeedVLM
 
 from .data import tokenizer as T
 from .data import vst
-from .data.chat import Conversation, EncodeConfig, Turn, encode_conversation
-from .evaluate import MARGIN, HeldOut, decode_reply, packed_images
+from .data.chat import Conversation, EncodeConfig, Turn
+from .evaluate import MARGIN, HeldOut
 from .heldout import CHANCE as SPATIAL_CHANCE
 from .heldout import (
     FIT_STREAM,
@@ -147,40 +143,13 @@ class VSTHeldOut(HeldOut):
         held.think_tokens = think_tokens
         return held
 
-    @torch.no_grad()
-    def answer(
-        self, model: SeedVLM, device: torch.device, *, batch: int = 32, max_new_tokens: int | None = None
-    ) -> list[EvalRecord]:
-        """Greedy answers to every question (class docstring), in order."""
-        records = []
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(self.questions), batch):
-                chunk = self.questions[start : start + batch]
-                records += self._answer_batch(model, chunk, device, max_new_tokens)
-        finally:
-            model.train(was_training)
-        return records
+    def _batches(self, batch: int) -> Iterator[list[Question]]:
+        """Consecutive questions, skills mixed: each answer is cut at its own cap (:meth:`_caps`),
+        so a batch need not share a kind."""
+        for start in range(0, len(self.questions), batch):
+            yield self.questions[start : start + batch]
 
-    def _answer_batch(
-        self, model: SeedVLM, questions: list[Question], device: torch.device, max_new_tokens: int | None
-    ) -> list[EvalRecord]:
-        prompts = [
-            encode_conversation(
-                Conversation(q.prompt, q.sample_id), self.tok, self.encode, add_generation_prompt=True
-            )
-            for q in questions
-        ]
-        caps = [
+    def _caps(self, questions: list[Question], max_new_tokens: int | None) -> list[int]:
+        return [
             max_new_tokens or MARGIN + self.think_tokens + len(self.tok.encode(q.truth)) for q in questions
         ]
-        ids = [torch.from_numpy(p.ids).long() for p in prompts]
-        images = packed_images([im for p in prompts for im in p.images], device)
-        outs = generate(model, ids, max(caps), eos_id=self.tok.special_id(T.IM_END), images=images)
-        records = []
-        for q, out, cap in zip(questions, outs, caps, strict=True):
-            text = decode_reply(self.tok, out[:cap].tolist())
-            ok, score = self.check(q.kind, text, q.truth), self.grade(q.kind, text, q.truth)
-            records.append(EvalRecord(q.kind, q.text, q.truth, text, ok, score, q.image, q.sample_id))
-        return records
