@@ -174,19 +174,24 @@ class ImageBank:
         return cls(items)
 
     def draw(self, rng: np.random.Generator, budget: int) -> list[int]:
-        """Distinct images in random order while their patches fit in ``budget`` (at least two:
-        the embeddings' batch normalisation needs two)."""
-        picked, total = [], 0
-        for i in rng.permutation(len(self.items)):
-            if len(picked) >= 2 and total + self.lengths[i] > budget:
-                break
-            picked.append(int(i))
-            total += int(self.lengths[i])
-        return picked
+        """Distinct images in random order while their patches fit in ``budget`` (:func:`draw_within`)."""
+        return draw_within(self.lengths, rng, budget)
 
     def caption(self, index: int, rng: np.random.Generator) -> str:
         item = self.items[index]
         return item.caption if item.caption is not None else scene_caption(item.scene, rng)
+
+
+def draw_within(lengths: np.ndarray, rng: np.random.Generator, budget: int) -> list[int]:
+    """Indices of distinct items in random order while their ``lengths`` (patches) fit in
+    ``budget``; at least two, since the embeddings' batch normalisation needs two."""
+    picked, total = [], 0
+    for i in rng.permutation(len(lengths)):
+        if len(picked) >= 2 and total + lengths[i] > budget:
+            break
+        picked.append(int(i))
+        total += int(lengths[i])
+    return picked
 
 
 def _patchify(pixels: np.ndarray, max_pixels: int | None) -> ImagePatches:
@@ -228,13 +233,8 @@ class VideoBank:
         return cls(items)
 
     def draw(self, rng: np.random.Generator, budget: int) -> list[int]:
-        picked, total = [], 0
-        for i in rng.permutation(len(self.items)):
-            if len(picked) >= 2 and total + self.lengths[i] > budget:
-                break
-            picked.append(int(i))
-            total += int(self.lengths[i])
-        return picked
+        """Distinct clips in random order while their patches fit in ``budget`` (:func:`draw_within`)."""
+        return draw_within(self.lengths, rng, budget)
 
     def caption(self, index: int, rng: np.random.Generator) -> str:
         it = self.items[index]
