@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +18,15 @@ from model.vlm import SeedVLM
 
 from .checkpoint import Checkpointer
 from .config import RunConfig, SetupError
-from .data.chat import SkipLog
+from .data.chat import EncodeConfig, SkipLog
 from .data.packer import IGNORE_INDEX
 from .data.stream import Source
 from .data.tokenizer import Tokenizer, model_vocab_size
 from .evaluate import split_manifest
 from .recipes import MODULES, Stage
+
+if TYPE_CHECKING:
+    from .vst_eval import VSTHeldOut
 
 
 def build_model_config(preset: str, tok: Tokenizer) -> VLMConfig:
@@ -102,13 +106,41 @@ def _device(spec: str, local_rank: int | None = None) -> torch.device:
 
 
 def _source(spec: str, seed: int, skips: SkipLog) -> Source:
-    if spec == "spatial" or spec.startswith("spatial:"):
-        from .data.spatial import SpatialDataset, training_config
+    """The dataset of data spec ``spec`` (``--data``, or a stage's ``data`` from its recipe or
+    ``--set STAGE.data=...``): the embedded spatial data (``spatial[:OPTIONS]``,
+    trainer.data.spatial.training_config), the VST data (``vst[:MIX]``, trainer.data.vst.parse_spec),
+    else a JSONL manifest without its held-out part. A bad spec is a ValueError naming the argument."""
+    from .data import vst
 
-        return SpatialDataset(seed, training_config(spec.partition(":")[2]))
+    try:
+        if spec == "spatial" or spec.startswith("spatial:"):
+            from .data.spatial import SpatialDataset, training_config
+
+            return SpatialDataset(seed, training_config(spec.partition(":")[2]))
+        if vst.is_spec(spec):
+            return vst.VSTDataset(seed, vst.parse_spec(spec))
+    except ValueError as err:
+        raise ValueError(f"--data / STAGE.data: {err}") from None
     from .data.manifest import ManifestDataset
 
     return split_manifest(ManifestDataset(spec, skips=skips))[0]  # its held-out part is never trained on
+
+
+def vst_heldout(
+    spec: str, tok: Tokenizer, encode: EncodeConfig, *, seed: int, per_skill: int, budget: int
+) -> VSTHeldOut:
+    """The held-out questions of a run that trains on VST data ``spec`` (trainer.vst_eval.VSTHeldOut):
+    ``per_skill`` of each skill the mix draws, the blind baselines fitted as the vst recipe's, and
+    the vst recipe's room for a thought when the mix answers with one."""
+    from .data import vst
+    from .rl.vst import VSTSettings
+    from .vst_eval import VSTHeldOut
+
+    mix, recipe = vst.parse_spec(spec), VSTSettings()
+    return VSTHeldOut.vst(
+        tok, encode, seed=seed, per_skill=per_skill, budget=budget, fit_per_skill=recipe.baseline_per_skill,
+        skills=list(mix.mix()), think_tokens=recipe.eval_think_tokens if mix.think_prob > 0 else 0,
+    )  # fmt: skip
 
 
 def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:

@@ -44,7 +44,6 @@ from pathlib import Path
 from .. import logs
 from ..config import RunConfig, SetupError
 from ..data import vst
-from ..data.stream import BatchStream
 from ..evaluate import find_checkpoint
 from ..loop import Run
 from ..recipes import apply_overrides as apply_stage_overrides
@@ -76,24 +75,12 @@ class VSTSettings:
 
 
 class VSTRun(Run):
-    """trainer.loop.Run whose stages read VST data specs (``Stage.data``, trainer.data.vst) and
-    whose held-out evaluation is the VST one (``heldout(per_skill)``). A single process."""
+    """trainer.loop.Run whose held-out evaluation is the recipe's VST one (``heldout(per_skill)``,
+    every skill, built once for all phases). A single process."""
 
     def __init__(self, cfg: RunConfig, heldout) -> None:
-        self._vst_heldout = heldout  # before Run.__init__, which builds the streams
+        self._vst_heldout = heldout
         super().__init__(cfg)
-
-    def _stream(self, key: str) -> BatchStream:
-        if not vst.is_spec(key):
-            return super()._stream(key)
-        try:
-            source = vst.VSTDataset(self.cfg.seed, vst.parse_spec(key))
-        except ValueError as err:
-            raise SetupError(str(err)) from err
-        return BatchStream(
-            source, self.tok, seed=self.cfg.seed, window=self.cfg.window, encode=self.encode,
-            skips=self.skips,
-        )  # fmt: skip
 
     def _heldout(self, per_skill: int) -> VSTHeldOut:
         return self._vst_heldout(per_skill)
