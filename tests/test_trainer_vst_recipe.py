@@ -13,11 +13,13 @@ import torch
 from test_trainer_evaluate import make_run
 
 from model.preprocess import VIDEO_FPS
+from trainer.components import _source
 from trainer.config import RunConfig, SetupError
 from trainer.data import vst
 from trainer.data.chat import EncodeConfig, Media
 from trainer.data.tokenizer import END_THINK, THINK, ByteTokenizer
 from trainer.logs import read_steps
+from trainer.loop import train
 from trainer.recipes import STAGES
 from trainer.rl.prompts import DESCRIBE, make_prompts
 from trainer.rl.rewards import verify
@@ -40,6 +42,34 @@ def test_data_spec_round_trip_and_errors():
         with pytest.raises(ValueError, match=says):
             vst.parse_spec(bad)
     assert vst.is_spec("vst:think=1") and not vst.is_spec("vst_data.jsonl")
+
+
+# two multi-view skills: the held-out set and its baselines take a second to build
+TWO_SKILLS = "vst:think=0,single=0,video=0,mv_closer=0,mv_rotation=0,mv_translation=0"
+
+
+def test_vst_specs_are_data_sources_of_any_recipe(tmp_path):
+    ds = _source("vst:think=1,video=0", 0, None)
+    assert isinstance(ds, vst.VSTDataset) and ds.cfg == vst.parse_spec("vst:think=1,video=0")
+    assert {vst.SKILLS[ds.skill(i)] for i in range(40)} == {"single", "multiview"}
+    with pytest.raises(ValueError, match=r"--data / STAGE\.data: VST data spec .*unknown key 'bogus'"):
+        _source("vst:bogus=1", 0, None)
+    kw = dict(progress=False, tensorboard=False, window=8, eval_every=0, eval_samples=1)
+    with pytest.raises(SetupError, match=r"--data / STAGE\.data: .*'think=x' is not KEY=NUMBER"):
+        train(RunConfig(data="vst:think=x", out=tmp_path / "bad", **kw))
+    tiny = ["*.steps=1", "*.seq_len=1024", "*.accum=1"]
+    runs = [  # a VST stage on its own (the recipe's data) and the default recipe on --data vst:...
+        RunConfig(
+            recipe="vst_p", out=tmp_path / "vst_p", overrides=[f"vst_p.data={TWO_SKILLS}", *tiny], **kw
+        ),
+        RunConfig(data=TWO_SKILLS, out=tmp_path / "vlm", overrides=tiny, **kw),
+    ]
+    for cfg in runs:
+        summary = train(cfg)
+        assert all(st["steps"] == 1 for st in summary["stages"]), summary["stages"]
+        scores = summary["eval"]  # held out on the skills it trained on, beside their baselines
+        assert set(scores) == {"mv_correspondence", "mv_count", "multiview/all", "all"}
+        assert scores["all"]["total"] == 2 and scores["mv_count"]["baseline"] is not None
 
 
 def test_vst_prompts_mix_scenarios_and_carry_the_video_rate():

@@ -70,12 +70,14 @@ from .components import (
     prepare_out_dir,
     set_trainable,
     stage_scheduler,
+    vst_heldout,
 )
 from .config import RunConfig, SetupError, as_dict, check_resume, dump_toml, signature, validate
 from .data.chat import SkipLog
 from .data.packer import PackedBatch
 from .data.stream import BatchStream, Gather, Loading, PartialBatch, Position, Prefetcher
 from .data.tokenizer import load_tokenizer
+from .data.vst import is_spec as is_vst_spec
 from .evaluate import EvalResult, HeldOut, encode_config
 from .gallery import write_gallery
 from .profiling import StepProfiler, nvtx_range
@@ -615,7 +617,12 @@ class Run:
         """The held-out set of ``per_skill`` questions per skill (or manifest samples), built once."""
         if per_skill not in self._heldouts:
             budget = max(s.seq_len for s in self.stages)
-            if self.cfg.data.partition(":")[0] == "spatial":
+            last = self.stages[-1].data or self.cfg.data  # VST data: the skills the run ends on
+            if is_vst_spec(last):
+                held = vst_heldout(
+                    last, self.tok, self.encode, seed=self.cfg.seed, per_skill=per_skill, budget=budget
+                )
+            elif self.cfg.data.partition(":")[0] == "spatial":
                 held = HeldOut.spatial(
                     self.tok, self.encode, seed=self.cfg.seed, per_skill=per_skill, budget=budget
                 )
