@@ -19,6 +19,7 @@ import torch
 from model.vlm import SeedVLM
 from trainer.checkpoint import Checkpointer
 from trainer.components import build_model_config
+from trainer.config import RunConfig
 from trainer.data.tokenizer import load_tokenizer
 from trainer.evaluate import encode_config
 from trainer.logs import read_steps
@@ -27,6 +28,7 @@ from trainer.rl.prompts import DESCRIBE, VERIFIABLE, Prompt, curate, make_prompt
 from trainer.rl.rejection import select
 from trainer.rl.rewards import verify
 from trainer.rl.rollout import Critic, Rollout, hidden_states, pack_rollouts
+from trainer.rl.run import run
 from trainer.rl.workers import Scored
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,12 +137,42 @@ def _episodes(out: Path) -> dict[int, dict]:
     return {r["step"]: {k: v for k, v in r.items() if k not in drop} for r in read_steps(out / "log.jsonl")}
 
 
-def test_rl_state_resumes_exactly_after_sigterm(tmp_path):
+def _init(root: Path) -> Path:
+    """A checkpoint of a fresh tiny model to post-train from (--init)."""
     _, model = _tiny()
-    init = tmp_path / "init"
     opt = torch.optim.AdamW(model.parameters())
-    run = {"preset": "seedvl-tiny", "tokenizer": "bytes", "vocab_size": model.cfg.llm.vocab_size}
-    Checkpointer(init).save(0, model, opt, {"run": run, "global_step": 0, "stage": "init"})
+    signature = {"preset": "seedvl-tiny", "tokenizer": "bytes", "vocab_size": model.cfg.llm.vocab_size}
+    Checkpointer(root / "init").save(0, model, opt, {"run": signature, "global_step": 0, "stage": "init"})
+    return root / "init"
+
+
+def _rl_cfg(init: Path, out: Path, *sets: str, **kw) -> RunConfig:
+    return RunConfig(recipe="rl", init=init, out=out, progress=False, tensorboard=False, overrides=list(sets),
+                     **kw)  # fmt: skip
+
+
+# No reward model, no general prompts, one verifier worker, short replies.
+QUICK = ["rl.general_frac=0", "rl.rm_steps=0", "rl.rm_heldout_lists=0", "rl.verifier_workers=1",
+         "rl.max_new_tokens=4"]  # fmt: skip
+
+
+def test_no_rl_when_curation_keeps_no_prompt(tmp_path):
+    out = tmp_path / "rl"
+    # one reply per candidate: each is solved 0% or 100% of the time, never in (0, 75%]
+    sets = [*QUICK, "rl.curate_k=1", "rl.curate_candidates=3"]
+    summary = run(_rl_cfg(_init(tmp_path), out, *sets, eval_samples=1))
+    assert summary["curation"]["kept"] == 0 and sum(summary["curation"]["dropped"].values()) == 3
+    reason = summary["rl"]["skipped_reason"]
+    assert reason.startswith("curation kept 0 of 3 prompts: ") and "for lack of prompts" in reason
+    said = [line for line in (out / "train.log").read_text().splitlines() if "curation kept" in line]
+    assert len(said) == 1 and said[0].endswith(reason)
+    assert summary["episodes"] == 0 and summary["checkpoint"] is None and not read_steps(out / "log.jsonl")
+    assert summary["eval"] and summary["eval"] == summary["eval_before"], "the model is evaluated as it came"
+    assert json.loads((out / "summary.json").read_text())["rl"] == summary["rl"]
+
+
+def test_rl_state_resumes_exactly_after_sigterm(tmp_path):
+    init = _init(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
     reference = tmp_path / "reference"

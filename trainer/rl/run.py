@@ -10,7 +10,8 @@ held-out ranking accuracy), ``curation.json`` (the curated prompts), ``checkpoin
 critic and both optimizers), ``log.jsonl`` (one record per episode: reward by prompt type and by
 skill, KL, value and policy loss, clip fraction, entropy, response length), ``tensorboard/``,
 ``loss.png`` and ``rl.png``, and ``summary.json`` with the held-out accuracy per skill before and
-after (``eval_before``, ``eval``).
+after (``eval_before``, ``eval``) and ``rl.skipped_reason``: null, or why no PPO episode ran (curation
+kept none of the candidate prompts; the model is then evaluated as it came).
 
 Resume (``--resume``): the RM and the curation are reused when done; RL continues from its last
 checkpoint (actor, critic, optimizers, RNG, the episode and so the prompt position: episode e's
@@ -153,7 +154,8 @@ class PostTraining:
         records = logs.read_steps(self.out / "log.jsonl")
         png = logs.plot_losses(records, self.out / "loss.png")
         summary["loss_plot"] = str(png) if png else None
-        summary["rl_plot"] = str(plot_rl(records, self.out / "rl.png"))
+        rl_png = plot_rl(records, self.out / "rl.png")
+        summary["rl_plot"] = str(rl_png) if rl_png else None
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
@@ -309,9 +311,6 @@ class PostTraining:
                 rewards = [[r.reward for r in rolls[i * k : (i + 1) * k]] for i in range(len(cands))]
                 correct = [[r.correct for r in rolls[i * k : (i + 1) * k]] for i in range(len(cands))]
                 c = curate(cands, rewards, correct, max_solved=s.max_solved, min_spread=s.min_spread)
-                if not c.kept:
-                    log.warning("curation kept no prompt of %d; training on all candidates", len(cands))
-                    c = replace(c, kept=cands)
                 saved = {"keys": [p.key for p in c.kept], "stats": c.stats}
             path.write_text(json.dumps(saved) + "\n")
             log.info("prompt curation: %s", saved["stats"])
@@ -321,6 +320,8 @@ class PostTraining:
     # ----------------------------------------------------------------------------- RL
 
     def _rl(self, sft: SeedVLM, rm: SeedVLM) -> dict:
+        if not self.pool_keys:
+            return self._no_rl(sft)
         s, cfg = self.s, self.cfg
         yes, no = RM.yes_no_ids(self.tok)
         self.actor = _copy(sft).train()
@@ -391,6 +392,28 @@ class PostTraining:
             "rejection_sampling": rs_results,
             "checkpoint": str(ckpt.latest()),
             "settings": as_dict_post(s),
+            "rl": {"skipped_reason": None},
+        }
+
+    def _no_rl(self, sft: SeedVLM) -> dict:
+        """No prompt survived curation: no PPO episode, and so no rejection-sampling round after one.
+        The report (§4.3) discards prompts solved 0% or more than 75% of the time and names no
+        fallback; training on them would give PPO nothing to learn from (all-zero rewards when none
+        is ever solved), so the run says so and goes on to its final evaluation of ``sft``."""
+        stats = json.loads((self.out / "curation.json").read_text())["stats"]
+        why = ", ".join(f"{n} {reason}" for reason, n in stats.get("dropped", {}).items() if n)
+        reason = (
+            f"curation kept 0 of {stats['candidates']} prompts: {why or 'none to curate'}; "
+            "no PPO episodes (nor rejection-sampling rounds) for lack of prompts"
+        )
+        log.warning(reason)
+        self.actor = sft
+        return {
+            "episodes": 0,
+            "rejection_sampling": [],
+            "checkpoint": None,
+            "settings": as_dict_post(self.s),
+            "rl": {"skipped_reason": reason},
         }
 
     def _episode(self, e, warmup, pool, rm, ref, critic, opt_a, opt_c) -> dict:
@@ -547,6 +570,8 @@ def report(summary: dict) -> str:
         f"  curation: kept {summary['curation']['kept']} of {summary['curation']['candidates']} prompts"
     )
     lines.append(f"  RL: {summary['episodes']} episodes")
+    if summary["rl"]["skipped_reason"]:
+        lines.append(f"  RL skipped: {summary['rl']['skipped_reason']}")
     for r in summary.get("rejection_sampling", []):
         lines.append(
             f"  rejection sampling: {r['kept']} of {r['sampled']} responses kept, {r['steps']} SFT steps"

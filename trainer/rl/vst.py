@@ -231,6 +231,8 @@ def report(summary: dict) -> str:
         f"  RL: {summary['episodes']} episodes on {summary['settings_vst']['rl_data']}; curation kept "
         f"{summary['curation']['kept']} of {summary['curation']['candidates']} prompts"
     )
+    if summary["rl"]["skipped_reason"]:
+        lines.append(f"  RL skipped: {summary['rl']['skipped_reason']}")
     if summary.get("eval"):
         columns = [("before", summary["eval_before"])]
         columns += [(n, st["eval"]) for n, st in summary["sft"].items() if "eval" in st]
