@@ -120,10 +120,12 @@ def verify_info(text):
 
 # ----------------------------------------------------------------------------- the recipe, killed and resumed
 
+# min_spread 0: curation keeps every general prompt, so an untrained model has prompts to train on
 SMALL = ["rl.episodes=5", "rl.prompts_per_episode=2", "rl.samples_verifiable=2", "rl.mini_batches=2",
          "rl.ppo_epochs=1", "rl.critic_warmup_steps=2", "rl.max_new_tokens=6", "rl.curate_k=2",
          "rl.curate_candidates=6", "rl.rm_steps=2", "rl.rm_lists_per_step=2", "rl.rm_heldout_lists=3",
-         "rl.rs_prompts=2", "rl.rs_k=2", "rl.rs_steps=1", "rl.general_frac=0.5"]  # fmt: skip
+         "rl.rs_prompts=2", "rl.rs_k=2", "rl.rs_steps=1", "rl.general_frac=0.5",
+         "rl.min_spread=0"]  # fmt: skip
 
 
 def _cmd(init: Path, out: Path) -> list[str]:
