@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from model.vlm import SeedVLM
 from trainer.checkpoint import Checkpointer
 from trainer.components import build_model_config
-from trainer.config import RunConfig
+from trainer.config import RunConfig, SetupError
 from trainer.data.tokenizer import load_tokenizer
 from trainer.evaluate import encode_config
 from trainer.logs import read_steps
@@ -28,7 +29,7 @@ from trainer.rl.prompts import DESCRIBE, VERIFIABLE, Prompt, curate, make_prompt
 from trainer.rl.rejection import select
 from trainer.rl.rewards import verify
 from trainer.rl.rollout import Critic, Rollout, hidden_states, pack_rollouts
-from trainer.rl.run import run
+from trainer.rl.run import report, run
 from trainer.rl.workers import Scored
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,6 +172,24 @@ def test_no_rl_when_curation_keeps_no_prompt(tmp_path):
     assert summary["episodes"] == 0 and summary["checkpoint"] is None and not read_steps(out / "log.jsonl")
     assert summary["eval"] and summary["eval"] == summary["eval_before"], "the model is evaluated as it came"
     assert json.loads((out / "summary.json").read_text())["rl"] == summary["rl"]
+    assert f"  RL skipped: {reason}" in report(summary).splitlines()
+
+
+def test_resume_refuses_other_rl_settings(tmp_path):
+    init, out = _init(tmp_path), tmp_path / "rl"
+    sets = [*QUICK, "rl.curate_k=0", "rl.curate_candidates=2", "rl.episodes=1", "rl.critic_warmup_steps=0",
+            "rl.prompts_per_episode=1", "rl.samples_verifiable=2", "rl.mini_batches=1",
+            "rl.ppo_epochs=1"]  # fmt: skip
+    first = run(_rl_cfg(init, out, *sets, eval_samples=0))
+    assert first["episodes"] == 1 and first["rl"]["skipped_reason"] is None
+    differs = r"^--resume: this run differs from the one that wrote .*step_00000001: "
+    with pytest.raises(SetupError, match=differs + r"rl\.clip 0\.2 -> 0\.3; rl\.lam 0\.95 -> 0\.9\. Resume"):
+        run(_rl_cfg(init, out, *sets, "rl.clip=0.3", "rl.lam=0.9", eval_samples=0, resume=True))
+    with pytest.raises(SetupError, match=differs + r"seed 0 -> 1\. Resume"):
+        run(_rl_cfg(init, out, *sets, eval_samples=0, resume=True, seed=1))
+    # the same settings resume (after a JSON round trip), and how verifiers are deployed may change
+    again = run(_rl_cfg(init, out, *sets, "rl.verifier_timeout_s=9", eval_samples=0, resume=True))
+    assert again["episodes"] == 1 and again["checkpoint"] == first["checkpoint"]
 
 
 def test_rl_state_resumes_exactly_after_sigterm(tmp_path):

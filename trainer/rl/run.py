@@ -39,7 +39,7 @@ from model.vlm import SeedVLM
 from .. import logs
 from ..checkpoint import Checkpointer
 from ..components import _device, param_groups, prepare_out_dir
-from ..config import RunConfig, SetupError, as_dict, validate
+from ..config import RunConfig, SetupError, as_dict, check_resume, validate
 from ..evaluate import CheckpointError, HeldOut, find_checkpoint, load_checkpoint
 from ..loop import Preempted
 from ..recipes import POST_RECIPES as RECIPES
@@ -62,6 +62,7 @@ from .workers import VerifierPool
 
 log = logging.getLogger("trainer.rl")
 _OWN = ("rm", "sft", "curation.json", "eval_before.json", "rl.png")  # removed by --overwrite
+_RESUMABLE = ("verifier_workers", "verifier_timeout_s")  # how verifiers are deployed: may change on --resume
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -139,6 +140,7 @@ class PostTraining:
         evaluation, plots and summary.json (``summary`` holds what came before)."""
         cfg, s = self.cfg, self.s
         self.init_ckpt = loaded.path
+        self.resume_from = self._resume_point()
         log.info("post-training %s from %s: %s", cfg.recipe, self.init_ckpt, s)
         rm, summary["reward_model"] = self._reward_model(loaded.model)
         summary["curation"] = self._curate(loaded.model, rm)
@@ -335,7 +337,7 @@ class PostTraining:
         both = torch.nn.ModuleDict({"actor": self.actor, "critic": critic})
         ckpt = Checkpointer(self.out / "checkpoints", cfg.keep)
         state = {"episode": 0, "rs_done": 0}
-        resume = ckpt.latest_good() if cfg.resume else None
+        resume = self.resume_from
         if resume is not None:
             meta = Checkpointer.load(resume, both, (opt_a, opt_c))
             state = {k: meta[k] for k in state}
@@ -380,7 +382,7 @@ class PostTraining:
                             state["episode"],
                             both,
                             (opt_a, opt_c),
-                            {**state, "run": {"recipe": cfg.recipe}, "config": as_dict(cfg)},
+                            {**state, "run": self._signature(), "config": as_dict(cfg)},
                         )
                         if self._stop and not end:
                             raise Preempted(self._stop, state["episode"], path)
@@ -394,6 +396,35 @@ class PostTraining:
             "settings": as_dict_post(s),
             "rl": {"skipped_reason": None},
         }
+
+    def _signature(self) -> dict:
+        """What a resumed RL run must share with the run that wrote its checkpoint: the recipe, the
+        seed, the model it started from (the KL's reference) and every RL setting but how the
+        verifiers are deployed. The --init checkpoint is recorded relative to --out when it lies
+        inside (post without --init, vst), so a moved output directory still resumes."""
+        init, out = Path(self.init_ckpt).resolve(), self.out.resolve()
+        sig = {
+            "recipe": self.cfg.recipe,
+            "seed": self.cfg.seed,
+            "init": str(init.relative_to(out)) if init.is_relative_to(out) else str(init),
+            "max_pixels": self.encode.max_pixels,
+        }
+        sig.update({f"rl.{k}": v for k, v in as_dict_post(self.s).items() if k not in _RESUMABLE})
+        return sig
+
+    def _resume_point(self) -> Path | None:
+        """With --resume, the RL checkpoint to continue from, once its run's settings are checked
+        against this run's (trainer.config.check_resume, as an SFT or pre-training resume): a
+        mismatch is a SetupError naming each differing field, before the RM, curation and RL."""
+        path = Checkpointer(self.out / "checkpoints").latest_good() if self.cfg.resume else None
+        if path is None:
+            return None
+        saved = Checkpointer.read_meta(path).get("run", {})
+        if not any(k.startswith("rl.") for k in saved):
+            log.warning("--resume: %s does not record its RL settings (an older run); not checked", path)
+        else:
+            check_resume(saved, self._signature(), path)
+        return path
 
     def _no_rl(self, sft: SeedVLM) -> dict:
         """No prompt survived curation: no PPO episode, and so no rejection-sampling round after one.

@@ -198,6 +198,9 @@ class VSTTraining(PostTraining):
             record["eval"] = result["eval"]
         return find_checkpoint(sub_out), record
 
+    def _signature(self) -> dict:
+        return {**super()._signature(), "vst.rl_data": self.v.rl_data}  # the RL prompts' mix
+
     # ----------------------------------------------------------------------------- evaluation
 
     def _evaluating(self) -> bool:
