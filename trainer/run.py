@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
     add("--data", default="spatial",
         help="'spatial' (the embedded data, default; 'spatial:questions=4,caption=1' sets how many "
-        "questions a scene gets and whether a caption ends it) or a JSONL manifest")
+        "questions a scene gets and whether a caption ends it), 'vst:MIX' (the Visual Spatial "
+        "Tuning data, e.g. 'vst:think=0,single=1'; trainer.data.vst) or a JSONL manifest")
     add("--tokenizer", default="bytes",
         help="'bytes' (default), 'words' (bytes plus the embedded data's words), or a local Hugging "
         "Face tokenizer directory")
