@@ -23,6 +23,12 @@
 // problem is then given M = 0 so that CUTLASS skips it). No value goes back to the host.
 #pragma once
 
+#include "common/common.h"
+#include "grouped_gemm/grouped_gemm.h"
+
+// A build without sm_90a (CMakeLists.txt: no 90a in SEEDVL_CUDA_ARCHS) compiles only the launchers'
+// error paths: none of CUTLASS is included or instantiated.
+#if !defined(SEEDVL_GROUPED_GEMM_STUBS)
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -31,9 +37,6 @@
 #include <cutlass/gemm/dispatch_policy.hpp>
 #include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
-
-#include "common/common.h"
-#include "grouped_gemm/grouped_gemm.h"
 
 // tensormap.replace (the in-kernel TMA descriptor update) needs nvcc >= 12.3 and sm_90a.
 #if defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
@@ -161,3 +164,5 @@ __global__ void k_grouped_setup_kernel(GroupedGemmDwParams p, GroupArrays<Cfg> g
 
 }  // namespace grouped_gemm_sm90
 }  // namespace seedvl
+
+#endif  // !SEEDVL_GROUPED_GEMM_STUBS

@@ -5,7 +5,6 @@
 // reads device memory on the host: the call is stream-ordered and capturable in a CUDA graph.
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -14,6 +13,19 @@
 namespace seedvl {
 namespace {
 
+// CMakeLists.txt compiles this file for sm_90a alone when SEEDVL_CUDA_ARCHS has 90a, and as stubs
+// (SEEDVL_GROUPED_GEMM_STUBS) when it has not.
+#if !defined(SEEDVL_GROUPED_GEMM_SM90)
+[[noreturn]] void require_sm90(int /*device*/) {
+#if defined(SEEDVL_GROUPED_GEMM_STUBS)
+  throw std::runtime_error(std::string("grouped_gemm: seedvl_kernels._C was built for ") + SEEDVL_CUDA_ARCHS +
+                           ", without sm_90a (set SEEDVL_CUDA_ARCHS to include 90a); use impl=\"triton\"");
+#else
+  throw std::runtime_error(
+      "grouped_gemm: this build has no CUTLASS sm_90a kernels (nvcc older than 12.3); use impl=\"triton\"");
+#endif
+}
+#else
 constexpr int kSetupThreads = 256;
 constexpr int kMaxDevices = 64;
 
@@ -50,27 +62,14 @@ int compute_capability(int device) {
   return ma * 10 + (mi - 1);
 }
 
-bool built_for_sm90a() { return std::strstr(SEEDVL_CUDA_ARCHS, "90a") != nullptr; }
-
 void require_sm90(int device) {
-#if !defined(SEEDVL_GROUPED_GEMM_SM90)
-  (void)device;
-  throw std::runtime_error(
-      "grouped_gemm: this build has no CUTLASS sm_90a kernels (nvcc older than 12.3); use impl=\"triton\"");
-#else
-  if (!built_for_sm90a()) {
-    throw std::runtime_error(std::string("grouped_gemm: seedvl_kernels._C was built for ") + SEEDVL_CUDA_ARCHS +
-                             ", without sm_90a (set SEEDVL_CUDA_ARCHS to include 90a); use impl=\"triton\"");
-  }
   const int cc = compute_capability(device);
   if (cc != 90) {
     throw std::runtime_error("grouped_gemm: the CUTLASS kernels are sm_90a code (H100/H200), this GPU is sm_" +
                              std::to_string(cc) + "; use impl=\"triton\"");
   }
-#endif
 }
 
-#if defined(SEEDVL_GROUPED_GEMM_SM90)
 using namespace grouped_gemm_sm90;
 
 void check_cutlass(cutlass::Status status, const char* what) {
