@@ -5,6 +5,8 @@ groups the code keeps in flight.
     python profiles/kernel_report.py                  # everything; writes kernel_report.{md,json}
     python profiles/kernel_report.py --json           # the same, JSON on stdout
     python profiles/kernel_report.py --hot --check    # the hot kernels against the baseline (CI)
+    python profiles/kernel_report.py --only "grouped_gemm: CUTLASS" --only persistent   # rows whose
+                                                      # key has one of these; writes nothing
 
 Triton kernels are lowered for sm_90a by Triton's own compiler (profiles/triton_aot.py's launches)
 at the shapes of the model presets: attention at the ViT's head dim 64 with 2D RoPE and the LLM's
@@ -617,13 +619,21 @@ def _meta(command: str, so: Path | None) -> dict:
             "ptxas": f"ptxas {version}", "extension": ext, "arch": ARCH, "dtype": "bf16"}  # fmt: skip
 
 
-def collect(hot: bool, with_cuda: bool = True, log=sys.stderr) -> tuple[list[Row], list[str], Path | None]:
-    """(rows, compile errors, extension used)."""
+def collect(
+    hot: bool, with_cuda: bool = True, log=sys.stderr, only: list[str] = ()
+) -> tuple[list[Row], list[str], Path | None]:
+    """(rows, compile errors, extension used); with ``only``, the rows whose key has one of its texts."""
     os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JIT functions
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     sys.path[:0] = [str(HERE), str(ROOT)]
+
+    def wanted(key: str) -> bool:
+        return not only or any(text in key for text in only)
+
     rows, errors = [], []
     for launch in triton_launches(hot):
+        if not wanted(f"triton {launch.op}: {launch.label}"):
+            continue
         start = time.perf_counter()
         try:
             rows.append(triton_row(launch))
@@ -634,7 +644,7 @@ def collect(hot: bool, with_cuda: bool = True, log=sys.stderr) -> tuple[list[Row
         print(f"  {rows[-1].key:80s} {time.perf_counter() - start:5.1f} s", file=log)
     so = find_extension() if with_cuda else None
     if so is not None:
-        rows += cuda_rows(so, hot)
+        rows += [row for row in cuda_rows(so, hot) if wanted(row.key)]
     return rows, errors, so
 
 
@@ -645,17 +655,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on a regression against the baseline")
     parser.add_argument("--no-cuda", action="store_true", help="skip the extension's kernels")
     parser.add_argument("--no-write", action="store_true", help="do not write kernel_report.{md,json}")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="TEXT", help="only rows whose key has TEXT; repeatable"
+    )
     args = parser.parse_args(argv)
     missing = toolchain_missing()
     if missing:
         print(f"cannot compile for {ARCH}: {missing}", file=sys.stderr)
         return 2
-    rows, errors, so = collect(args.hot, not args.no_cuda)
+    rows, errors, so = collect(args.hot, not args.no_cuda, only=args.only)
     flags = [f for f, on in (("--hot", args.hot), ("--no-cuda", args.no_cuda)) if on]
+    flags += [f"--only {text!r}" for text in args.only]
     command = " ".join(["python profiles/kernel_report.py", *flags])
     meta = _meta(command, so)
     baseline = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
-    if not args.hot and not args.no_write:
+    if not args.hot and not args.no_write and not args.only:
         known = baseline.get("known_spills", {})
         spilling = {r.key: known.get(r.key, "") for r in rows if r.spill}
         unexplained = [k for k, why in spilling.items() if not why]
@@ -677,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         expected = [f"triton {k}" for k in HOT_TRITON] if args.hot else list(baseline.get("kernels", {}))
         if args.no_cuda or so is None:
             expected = [k for k in expected if not k.startswith("cuda ")]
+        if args.only:
+            expected = [k for k in expected if any(text in k for text in args.only)]
         failed += regressions(baseline, [_as_dict(r) for r in rows], expected)
     if failed:
         print("\nRegressions:\n  " + "\n  ".join(failed), file=sys.stderr)

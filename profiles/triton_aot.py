@@ -314,6 +314,7 @@ def moe_launches(dtype: torch.dtype, presets: list[str]) -> Iterator[Launch]:
     cuda = torch.device("cuda")
     precision = ggt.dot_precision(dtype)
     m_unit = frozenset({"stride_ak", "stride_bn", "stride_on"})
+    persistent = ggt._grouped_gemm_fwd_persistent_kernel  # MGroupedConfig.persistent: the same tiles
     for preset in presets:
         cfg = MOE_PRESETS[preset]
         D, FF, E = cfg.hidden, cfg.moe_ffn_dim, cfg.num_experts
@@ -326,6 +327,10 @@ def moe_launches(dtype: torch.dtype, presets: list[str]) -> Iterator[Launch]:
             consts |= {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m}
             yield Launch(
                 "grouped_gemm", f"{preset} M-grouped ({what})", ggt._grouped_gemm_fwd_kernel, consts,
+                c.num_warps, c.num_stages, unit_strides=m_unit, aligned=frozenset({"N", "K"}),
+            )  # fmt: skip
+            yield Launch(
+                "grouped_gemm", f"{preset} M-grouped persistent ({what})", persistent, consts,
                 c.num_warps, c.num_stages, unit_strides=m_unit, aligned=frozenset({"N", "K"}),
             )  # fmt: skip
         for n, k, what, gather in (

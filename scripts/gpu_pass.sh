@@ -155,12 +155,21 @@ CURATED_K+=" or (moe_layer and 235b and 16384 and (balanced or zipf) and fwd_bwd
 CURATED_K+=" or (pool_adapter and 16384 and 4096 and (triton or cuda))"
 CURATED_K+=" or (rope_2d and 65536 and bfloat16 and (triton or cuda))"
 CURATED_K+=" or (ring_attention and merge)"  # issue 19: the fused (out, lse) merge vs the eager chain
+# Issue 19, MoE (profiles/grouped_gemm.md): the Triton M-grouped GEMM, whose persistent variant
+# stage_bench times on the same rows.
+CURATED_K+=" or (moe_gemm and 235b and 16384 and (balanced or zipf) and fwd and triton)"
 
 stage_bench() {
   local rc=0
   SEEDVL_BENCH_JSONL="$OUT/bench.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_curated" \
     SEEDVL_BENCH_PEERS=copy,torch_varlen,sdpa_per_image,grouped_mm,loop,eager_unfused \
     "$PY" -m pytest bench/ -q -rs -p no:cacheprovider --benchmark-disable -k "$CURATED_K" || rc=$?
+  # Issue 19: the persistent Triton M-grouped GEMM (SEEDVL_GROUPED_GEMM_PERSISTENT=1) on the curated
+  # fwd rows above, into bench_persistent.jsonl: its time against bench.jsonl's per-tile triton rows.
+  SEEDVL_GROUPED_GEMM_PERSISTENT=1 SEEDVL_BENCH_JSONL="$OUT/bench_persistent.jsonl" \
+    SEEDVL_BENCH_RESULTS="$OUT/results_persistent" SEEDVL_BENCH_PEERS=grouped_mm \
+    "$PY" -m pytest bench/bench_moe.py -q -rs -p no:cacheprovider --benchmark-disable \
+    -k "moe_gemm and 235b and 16384 and (balanced or zipf) and fwd and triton" || rc=$?
   # Issue 19: dK/dV's GQA split (profiles/varlen_attention_gqa_bwd.md): the backward of one 2k-token
   # causal sequence, Hq 32 / Hkv 4, D 128, bf16, with dkdv_splits' rule (4 parts) and with none.
   "$PY" - >>"$OUT/gqa_bwd.jsonl" <<'PY' || rc=1

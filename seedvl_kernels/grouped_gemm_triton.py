@@ -20,6 +20,16 @@ prefix sum is <= its M-tile index. Programs past the real tile count get an empt
 run no K iterations (a masked store of nothing). M-tiles are swizzled in bands of GROUP_M so that
 the few M-tiles of one expert run next to each other and share the expert's B tiles in L2.
 
+Persistent variant (``_grouped_gemm_fwd_persistent_kernel``, ``MGroupedConfig.persistent``): a grid
+of #SMs x ctas_per_sm programs (capped at the tile bound); each builds the tile table once, takes
+the real tile count from it, and loops over tiles pid, pid + #programs, ... in the same swizzled
+order, so no program is spent on a surplus tile (up to E x N-tiles of them in the one-program-per-
+tile grid) and the table's prefix sum runs once per program instead of once per tile. The tile body
+is the same function (``_m_grouped_tile``), so both variants compute every output element the same
+way, bit for bit. Which one runs: ``m_grouped_config`` sets ``persistent`` from
+$SEEDVL_GROUPED_GEMM_PERSISTENT (default 0: one program per tile; no GPU has timed the two yet), and
+a caller can pass its own ``config``.
+
 The dW kernel's grid is (K-tiles x N-tiles, E); its axis 1 walks the groups in decreasing size
 (a device-side argsort of the group sizes), so under skewed routing the longest programs start
 first and the short ones fill in behind them.
@@ -43,7 +53,9 @@ BLOCK_M) * BLOCK_M - size_e) wasted rows (bench/bench_moe.py reports the fractio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -62,6 +74,11 @@ class MGroupedConfig:
     group_m: int  # M-tiles per swizzle band
     num_warps: int
     num_stages: int
+    # launch_m_grouped runs _grouped_gemm_fwd_persistent_kernel instead of one program per tile:
+    # ctas_per_sm programs per SM (that kernel's occupancy at these tiles), each looping over tiles.
+    # moe_ffn's fused gate-up and down-dgrad kernels have no persistent variant and ignore both.
+    persistent: bool = False
+    ctas_per_sm: int = 1
 
 
 @dataclass(frozen=True)
@@ -82,14 +99,32 @@ _INTERPRET_M = MGroupedConfig(32, 32, 32, 4, 4, 1)
 _INTERPRET_K = KGroupedConfig(32, 32, 32, 4, 4, 1)
 
 
+# $SEEDVL_GROUPED_GEMM_PERSISTENT=1 makes m_grouped_config pick the persistent kernel (read at each
+# launch). The default is 0, one program per tile, until a GPU run shows which is faster
+# (profiles/grouped_gemm_persistent.md, scripts/gpu_pass.sh).
+PERSISTENT_ENV = "SEEDVL_GROUPED_GEMM_PERSISTENT"
+
+
+def persistent_default() -> bool:
+    """Whether m_grouped_config picks the persistent kernel: $SEEDVL_GROUPED_GEMM_PERSISTENT, else no."""
+    value = os.environ.get(PERSISTENT_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"${PERSISTENT_ENV}: expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def m_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> MGroupedConfig:
-    """Tiles for the M-grouped kernel. GPU values are starting points for tuning (profiles/moe.md)."""
+    """Tiles for the M-grouped kernel, keyed on (N, K, dtype), never on M (rows change every batch).
+    GPU values are starting points for tuning (profiles/moe.md). ctas_per_sm is the persistent
+    kernel's occupancy in the offline sm_90a compile (profiles/grouped_gemm.md): it keeps 50-70
+    more registers than the one-program-per-tile kernel, 165-254 at these tiles."""
+    persistent = persistent_default()
     if device.type != "cuda":
-        return _INTERPRET_M
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles
-        return MGroupedConfig(64, 64, 32, 8, 4, 3)
-    block_n = 256 if n >= 2048 else 128
-    return MGroupedConfig(128, block_n, 64, 8, 8, 3)
+        return replace(_INTERPRET_M, persistent=persistent)
+    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles (persistent: 168 regs)
+        return MGroupedConfig(64, 64, 32, 8, 4, 3, persistent, 3)
+    block_n = 256 if n >= 2048 else 128  # persistent: 248-254 / 165 registers x 8 warps, 1 CTA per SM
+    return MGroupedConfig(128, block_n, 64, 8, 8, 3, persistent, 1)
 
 
 def k_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> KGroupedConfig:
@@ -116,6 +151,23 @@ def num_m_tiles_bound(m: int, num_groups: int, block_m: int) -> int:
     return triton.cdiv(m, block_m) + num_groups
 
 
+# Programs "per SM" off a GPU: the interpreter runs them one after another, so a few, each looping
+# over several tiles, is what exercises the persistent loop.
+_INTERPRET_SMS = 3
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the persistent grid's unit); _INTERPRET_SMS off CUDA."""
+    if device.type != "cuda":
+        return _INTERPRET_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # ----------------------------------------------------------------------------- device helpers
 
 
@@ -131,20 +183,23 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _m_tile(
-    offsets_ptr, pid_m, M, NUM_GROUPS: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """M-tile index -> (group, row_start, row_end), read from the device-side offsets.
-
-    Group NUM_GROUPS is the padding rows [offsets[E], M); a tile index past the real count gets a
-    group > NUM_GROUPS and an empty row range.
-    """
+def _m_tile_table(offsets_ptr, M, NUM_GROUPS: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The M-tile table from the device-side offsets, one lane per group: (row starts, row ends,
+    tile counts, inclusive prefix sum of the tile counts). Lane NUM_GROUPS is the padding rows
+    [offsets[E], M); lanes past it are empty."""
     g = tl.arange(0, GROUPS_POW2)
     start = tl.load(offsets_ptr + g, mask=g <= NUM_GROUPS, other=0)
     end = tl.load(offsets_ptr + g + 1, mask=g < NUM_GROUPS, other=0)
     end = tl.where(g == NUM_GROUPS, M, end)
     tiles = tl.where(g <= NUM_GROUPS, (end - start + BLOCK_M - 1) // BLOCK_M, 0)
-    last = tl.cumsum(tiles, 0)  # inclusive prefix sum of the tile counts
+    return start, end, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _m_tile_lookup(start, end, tiles, last, pid_m, GROUPS_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """M-tile index -> (group, row_start, row_end) in the table of _m_tile_table; a tile index past
+    the real count gets a group > NUM_GROUPS and an empty row range."""
+    g = tl.arange(0, GROUPS_POW2)
     group = tl.sum((last <= pid_m).to(tl.int32), 0)
     sel = g == group
     first = tl.sum(tl.where(sel, last - tiles, 0), 0)
@@ -153,19 +208,30 @@ def _m_tile(
     return group, row_start, row_end
 
 
+@triton.jit
+def _m_tile(
+    offsets_ptr, pid_m, M, NUM_GROUPS: tl.constexpr, GROUPS_POW2: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """M-tile index -> (group, row_start, row_end), read from the device-side offsets."""
+    start, end, tiles, last = _m_tile_table(offsets_ptr, M, NUM_GROUPS, GROUPS_POW2, BLOCK_M)
+    return _m_tile_lookup(start, end, tiles, last, pid_m, GROUPS_POW2, BLOCK_M)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit(do_not_specialize=["M"])
-def _grouped_gemm_fwd_kernel(
+@triton.jit
+def _m_grouped_tile(
     a_ptr,
     b_ptr,
     out_ptr,
-    offsets_ptr,
     a_rows_ptr,
     out_rows_ptr,
     row_scale_ptr,
-    M,
+    group,
+    row_start,
+    row_end,
+    pid_n,
     N,
     K,
     stride_am,
@@ -176,7 +242,6 @@ def _grouped_gemm_fwd_kernel(
     stride_om,
     stride_on,
     NUM_GROUPS: tl.constexpr,
-    GROUPS_POW2: tl.constexpr,
     GATHER_A: tl.constexpr,
     SCATTER_OUT: tl.constexpr,
     SCALE_OUT: tl.constexpr,
@@ -185,12 +250,10 @@ def _grouped_gemm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-    num_pid_m = tl.cdiv(M, BLOCK_M) + NUM_GROUPS
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    group, row_start, row_end = _m_tile(offsets_ptr, pid_m, M, NUM_GROUPS, GROUPS_POW2, BLOCK_M)
-
+    """One BLOCK_M x BLOCK_N output tile of the M-grouped GEMM: rows [row_start, row_end) of
+    ``group`` (a group >= NUM_GROUPS runs no K steps and stores zeros, or nothing for an empty
+    range), columns from pid_n * BLOCK_N."""
     offs_m = row_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -228,6 +291,144 @@ def _grouped_gemm_fwd_kernel(
         out_rows = offs_m
     out_ptrs = out_ptr + out_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_gemm_fwd_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    out_rows_ptr,
+    row_scale_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_POW2: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr,
+    SCALE_OUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M) + NUM_GROUPS
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    group, row_start, row_end = _m_tile(offsets_ptr, pid_m, M, NUM_GROUPS, GROUPS_POW2, BLOCK_M)
+    _m_grouped_tile(
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        a_rows_ptr,
+        out_rows_ptr,
+        row_scale_ptr,
+        group,
+        row_start,
+        row_end,
+        pid_n,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        stride_be,
+        stride_bk,
+        stride_bn,
+        stride_om,
+        stride_on,
+        NUM_GROUPS,
+        GATHER_A,
+        SCATTER_OUT,
+        SCALE_OUT,
+        EVEN_K,
+        DOT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
+
+
+@triton.jit(do_not_specialize=["M"])
+def _grouped_gemm_fwd_persistent_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    offsets_ptr,
+    a_rows_ptr,
+    out_rows_ptr,
+    row_scale_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_POW2: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr,
+    SCALE_OUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The tile table is built once per program; the real tile count (not the host's bound) ends
+    # the loop, so no program runs an empty tile. Tiles go round-robin over the programs in the
+    # swizzled order, so the programs running at one time share each expert's B tiles in L2.
+    start, end, tiles, last = _m_tile_table(offsets_ptr, M, NUM_GROUPS, GROUPS_POW2, BLOCK_M)
+    num_pid_m = tl.sum(tiles, 0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
+        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+        group, row_start, row_end = _m_tile_lookup(start, end, tiles, last, pid_m, GROUPS_POW2, BLOCK_M)
+        _m_grouped_tile(
+            a_ptr,
+            b_ptr,
+            out_ptr,
+            a_rows_ptr,
+            out_rows_ptr,
+            row_scale_ptr,
+            group,
+            row_start,
+            row_end,
+            pid_n,
+            N,
+            K,
+            stride_am,
+            stride_ak,
+            stride_be,
+            stride_bk,
+            stride_bn,
+            stride_om,
+            stride_on,
+            NUM_GROUPS,
+            GATHER_A,
+            SCATTER_OUT,
+            SCALE_OUT,
+            EVEN_K,
+            DOT_PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
 
 
 @triton.jit
@@ -334,10 +535,14 @@ def launch_m_grouped(
     else:
         n, stride_bk, stride_bn = b.shape[2], b.stride(1), b.stride(2)
     cfg = config or m_grouped_config(n, k, a.dtype, a.device)
-    grid = (num_m_tiles_bound(m, num_groups, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    if grid[0] == 0:
+    tiles = num_m_tiles_bound(m, num_groups, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if tiles == 0:
         return
-    _grouped_gemm_fwd_kernel[grid](
+    if cfg.persistent:
+        kernel, grid = _grouped_gemm_fwd_persistent_kernel, (min(tiles, num_sms(a.device) * cfg.ctas_per_sm),)
+    else:
+        kernel, grid = _grouped_gemm_fwd_kernel, (tiles,)
+    kernel[grid](
         a,
         b,
         out,

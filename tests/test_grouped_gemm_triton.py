@@ -1,6 +1,8 @@
 """grouped_gemm impl="triton": forward, dgrad and wgrad against the reference (the Triton interpreter
 on CPU: fp32/fp16 only, tiny shapes; bf16 at model shapes in the GPU tests)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -132,6 +134,96 @@ def test_scaled_wgrad_at_the_gpu_tiles(dtype):
     rel = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the scaled operand rounded, 150 terms
     assert_close(dw.double(), expected, f"scaled dW at the GPU tiles ({dtype})", atol=rel * 4, rtol=rel)
     assert torch.equal(dw[0], torch.zeros(K, N, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("n", [136, 2056], ids=["N136", "N2056"])
+def test_persistent_at_the_gpu_tiles(n, dtype):
+    """The persistent M-grouped kernel at the sm_90 bf16 configs (128 x 128 x 64 below N = 2048,
+    128 x 256 x 64 from it), with moe_ffn's indirections (A rows gathered, out rows scattered, rows
+    scaled): groups of 0, 1, 130 and 257 rows (none, a partial tile, a full tile and a partial, two
+    and a partial), 6 padding rows, K past one step and not a multiple of BLOCK_K. The interpreter's
+    grid is 3 x ctas_per_sm programs, so each program loops over several tiles. It matches the fp64
+    reference, and the one-program-per-tile kernel bit for bit (the same tile code)."""
+    cfg = ggt.m_grouped_config(n, 130, torch.bfloat16, torch.device("cuda"))
+    assert (cfg.block_m, cfg.block_n, cfg.block_k) == (128, 128 if n < 2048 else 256, 64), cfg
+    assert not cfg.persistent, "the dispatch default is one program per tile"
+    sizes, pad, K, T = [0, 1, 130, 257], 6, 130, 211
+    M = sum(sizes) + pad
+    x = torch.randn(T, K).to(dtype)
+    b = (torch.randn(len(sizes), K, n) / K**0.5).to(dtype)
+    offsets = _offsets(sizes)
+    a_rows = torch.randint(0, T, (M,), dtype=torch.int32)
+    out_rows = torch.randperm(M).to(torch.int32)
+    scale = torch.rand(M)
+    outs = {}
+    for persistent in (True, False):
+        out = torch.full((M, n), float("nan"), dtype=dtype)
+        run = replace(cfg, persistent=persistent)
+        ggt.launch_m_grouped(
+            x, b, offsets, out, False, a_rows=a_rows, out_rows=out_rows, row_scale=scale, config=run
+        )
+        outs[persistent] = out
+    expected = torch.zeros(M, n, dtype=torch.float64)
+    used = sum(sizes)
+    rows = grouped_gemm_ref(x[a_rows[:used].long()].double(), b.double(), offsets)
+    expected[out_rows[:used].long()] = rows * scale[:used, None].double()
+    rel = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the output rounded once, 130 terms
+    assert_close(
+        outs[True].double(), expected, f"persistent at the GPU tiles ({dtype})", atol=rel * 4, rtol=rel
+    )
+    assert torch.equal(outs[True], outs[False]), "persistent and per-tile kernels differ"
+
+
+def test_persistent_empty_experts_and_zero_tokens():
+    """Empty experts, padding rows only, no rows at all, K = 0: legal, zeros where they belong."""
+    cfg = replace(ggt.MGroupedConfig(16, 16, 16, 2, 4, 1), persistent=True, ctas_per_sm=1)
+    a, b, offsets = _operands([0, 0, 0], 8, 12, torch.float32, False, pad=21)
+    out = torch.full((21, 12), float("nan"))
+    ggt.launch_m_grouped(a.detach(), b.detach(), offsets, out, False, config=cfg)
+    assert torch.equal(out, torch.zeros(21, 12)), "padding rows of a grid of empty experts are not zero"
+    none = torch.empty(0, 12)
+    ggt.launch_m_grouped(
+        torch.empty(0, 8), b.detach(), torch.zeros(4, dtype=torch.int32), none, False, config=cfg
+    )
+    sizes = [3, 0, 18]
+    a, b, offsets = _operands(sizes, 0, 5, torch.float32, True, pad=2)
+    out = torch.full((23, 5), float("nan"))
+    ggt.launch_m_grouped(a.detach(), b.detach(), offsets, out, True, config=cfg)
+    assert torch.equal(out, torch.zeros(23, 5)), "K = 0 did not give exact zeros"
+
+
+def test_persistent_selected_by_environment(monkeypatch):
+    """$SEEDVL_GROUPED_GEMM_PERSISTENT=1 runs the whole op (forward and dgrad) on the persistent
+    kernel, with the same bits; a value other than 0/1 is an error naming the variable."""
+    sizes = PATTERNS["empty_experts"]
+    a, b, offsets = _operands(sizes, 33, 17, torch.float32, False, pad=3)
+    g = torch.randn(a.shape[0], 17)
+    launched = []
+    kernel = ggt._grouped_gemm_fwd_persistent_kernel
+    results = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(ggt.PERSISTENT_ENV, value)
+        monkeypatch.setattr(ggt, "_grouped_gemm_fwd_persistent_kernel", _Recorder(kernel, launched))
+        out = grouped_gemm(a, b, offsets, impl="triton")
+        results[value] = (out, *torch.autograd.grad(out, (a, b), g))
+    assert len(launched) == 2, f"expected the forward and dgrad on the persistent kernel, got {len(launched)}"
+    for x, y in zip(results["0"], results["1"], strict=True):
+        assert torch.equal(x, y)
+    monkeypatch.setenv(ggt.PERSISTENT_ENV, "yes")
+    with pytest.raises(ValueError, match=ggt.PERSISTENT_ENV):
+        grouped_gemm(a, b, offsets, impl="triton")
+
+
+class _Recorder:
+    """A kernel stand-in that records each launch and forwards it."""
+
+    def __init__(self, kernel, launched: list):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]
 
 
 def test_all_groups_empty_and_no_rows():
