@@ -367,9 +367,13 @@ def _demangle(names: list[str]) -> list[str]:
     return out if len(out) == len(names) else names
 
 
+# A tile extent is an integral constant ("NSC_ILi128EEE") or, when it repeats an earlier one, a mangling
+# substitution ("SI_"): the 128 x 128 tile spells its second 128 that way.
+_EXTENT = r"(?:NS\w+?_ILi(\d+)EEE|(S\w*?_))"
 _CUTLASS = re.compile(
-    r"MainloopSm90ArrayTmaGmmaWarpSpecializedILi(\d+)E.*?CooperativeEEENS6_IJNSC_ILi(\d+)EEENSC_ILi(\d+)"
-    r"EEENSC_ILi(\d+)E.*?MMA_\d+x\d+x\d+_F32BF16BF16_SSILN\w+?MajorE(\d)ELS\w+?_(\d)E"
+    r"MainloopSm90ArrayTmaGmmaWarpSpecializedILi(\d+)E.*?(Cooperative|Pingpong)EEENS\w+?_IJ"
+    + _EXTENT * 3
+    + r".*?MMA_\d+x\d+x\d+_F32BF16BF16_SSILN\w+?MajorE(\d)ELS\w+?_(\d)E"
 )
 # (A major, B major) of the CUTLASS grouped GEMMs (0: K-major, 1: MN-major) -> what they compute
 _CUTLASS_ROLE = {(0, 1): "M-grouped, b (E, K, N)", (0, 0): "M-grouped, b (E, N, K)", (1, 1): "K-grouped (dW)"}
@@ -382,8 +386,15 @@ def _header_constants(path: Path) -> dict[str, int]:
 def _cuda_launch(mangled: str, pretty: str) -> tuple[str, str, int, bool, int]:
     """(op, shape label, dynamic shared bytes, whether that is a lower bound, threads per CTA)."""
     if m := _CUTLASS.search(mangled):
-        stages, bm, bn, bk, a_major, b_major = map(int, m.groups())
-        label = f"CUTLASS {_CUTLASS_ROLE.get((a_major, b_major), '?')} {bm}x{bn}x{bk} {stages} stages"
+        stages, schedule, *extents, a_major, b_major = m.groups()
+        tile: list[int] = []
+        for value, _substitution in zip(extents[::2], extents[1::2], strict=True):
+            tile.append(int(value) if value else tile[-1])  # a substitution repeats the extent before it
+        bm, bn, bk = tile
+        stages, a_major, b_major = int(stages), int(a_major), int(b_major)
+        role = _CUTLASS_ROLE.get((a_major, b_major), "?")
+        role += " pingpong" if schedule == "Pingpong" else ""  # cooperative: the labels of the baseline
+        label = f"CUTLASS {role} {bm}x{bn}x{bk} {stages} stages"
         # the mainloop's operand stages (bf16); the epilogue's share comes on top (not in the name)
         return "grouped_gemm", label, stages * (bm + bn) * bk * 2, True, 384
     short = re.sub(r"\(.*\)$", "", pretty).replace("void ", "")

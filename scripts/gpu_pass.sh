@@ -155,8 +155,10 @@ CURATED_K+=" or (moe_layer and 235b and 16384 and (balanced or zipf) and fwd_bwd
 CURATED_K+=" or (pool_adapter and 16384 and 4096 and (triton or cuda))"
 CURATED_K+=" or (rope_2d and 65536 and bfloat16 and (triton or cuda))"
 CURATED_K+=" or (ring_attention and merge)"  # issue 19: the fused (out, lse) merge vs the eager chain
-# Issue 19, MoE (profiles/grouped_gemm.md): the Triton M-grouped GEMM, whose persistent variant
-# stage_bench times on the same rows.
+# Issue 19, MoE (profiles/grouped_gemm.md): the CUTLASS wgrad on the pingpong 128x128 schedule at 4k
+# tokens (256 rows an expert when balanced: the short K it is for), and the Triton M-grouped GEMM
+# whose persistent variant stage_bench times on the same rows.
+CURATED_K+=" or (moe_gemm and 235b and 4096 and (balanced or zipf) and wgrad and cuda)"
 CURATED_K+=" or (moe_gemm and 235b and 16384 and (balanced or zipf) and fwd and triton)"
 
 stage_bench() {

@@ -1,13 +1,16 @@
 """CUTLASS grouped GEMM: the ``cuda`` implementation of seedvl::grouped_gemm and grouped_gemm_dw.
 
 Math: see seedvl_kernels.grouped_gemm. The kernels (csrc/grouped_gemm/) are CUTLASS 3.x Hopper
-ptr-array grouped GEMMs (TMA loads and stores, warp-specialised cooperative wgmma, persistent grid
-of one CTA per SM, fp32 accumulators rounded once to bf16):
+ptr-array grouped GEMMs (TMA loads and stores, warp-specialised wgmma, persistent grid of one CTA
+per SM, fp32 accumulators rounded once to bf16):
 
 * forward and dgrad, grouped over M: one problem <size_e, N, K> per group, B = b[e] (K, N) or
   b[e]^T (stored (N, K)) — two instantiations, so neither layout is ever transposed in memory;
+  cooperative schedule, 128 x 256 tiles;
 * wgrad, grouped over K: dB[e] = a_e^T dC_e is the problem <K, N, size_e> with both operands read
-  in their stored (row-major) order; with trans_b the roles of a and dC swap.
+  in their stored (row-major) order; with trans_b the roles of a and dC swap. Pingpong schedule,
+  128 x 128 tiles: its K is an expert's row count, often short, and pingpong runs one consumer
+  warpgroup's epilogue under the other's mainloop.
 
 Problem sizes and pointers are built on the device by a setup kernel from ``offsets``, so nothing
 syncs with the host: the host passes E and the bounds M, N, K only. The kernels write every

@@ -1,11 +1,12 @@
 // grouped_gemm device code: the CUTLASS sm_90a kernel types and the setup kernels that feed them.
 //
 // GEMM. CUTLASS 3.x grouped GEMM (GroupProblemShape, one <M, N, K> per group, read from device
-// memory): KernelPtrArrayTmaWarpSpecializedCooperative, a persistent kernel (grid = #SMs) whose
-// producer warp loads A/B tiles with TMA and whose two consumer warpgroups run wgmma on 128 x 256
-// output tiles with fp32 accumulators; the epilogue rounds to bf16 once and stores with TMA. When
-// a CTA moves to a tile of another group it rewrites its TMA descriptors in place (tensormap
-// replace) with that group's pointers, extents and strides, so ragged groups need no padding:
+// memory): KernelPtrArrayTmaWarpSpecialized{Cooperative,Pingpong}, a persistent kernel (grid =
+// #SMs) whose producer warp loads A/B tiles with TMA and whose two consumer warpgroups run wgmma
+// with fp32 accumulators, together on 128 x 256 output tiles (cooperative: forward and dgrad) or
+// each on its own 128 x 128 tile (pingpong: wgrad); the epilogue rounds to bf16 once and stores
+// with TMA. When a CTA moves to a tile of another group it rewrites its TMA descriptors in place
+// (tensormap replace) with that group's pointers, extents and strides, so ragged groups need no padding:
 // TMA zero-fills loads past a group's extent and clips stores to it. Groups with M = 0 have no
 // tiles and are skipped. Clusters of 2 CTAs along M share (multicast) B tiles.
 //
@@ -13,6 +14,7 @@
 //   MGroupedRowB   A (M, K) K-major, B (K, N) N-major          forward / dgrad with trans_b=False
 //   MGroupedColB   A (M, K) K-major, B (N, K) K-major          forward / dgrad with trans_b=True
 //   KGrouped       A' = x_e^T (p, rows) p-major, B' = y_e (rows, q) q-major: out[e] = x_e^T y_e
+//                  (pingpong 128 x 128; the other two cooperative 128 x 256)
 // bf16 wgmma reads either major order from shared memory, so no operand is ever transposed in
 // memory. The wgrad is the same kernel with the ragged extent in K: problem <p, q, rows_e>.
 //
@@ -51,39 +53,66 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>
 using Shape3 = ProblemShape::UnderlyingProblemShape;
 constexpr int kAlignment = 8;  // elements per 16 bytes: TMA needs 16-byte aligned rows
 
-using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
 using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
 using LayoutD = cutlass::layout::RowMajor;
 
-// Shared by the three kernels. ElementC = void: D = alpha * acc with no source operand (alpha = 1).
-using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+using CooperativeTile = cute::Shape<cute::_128, cute::_256, cute::_64>;
+using PingpongTile = cute::Shape<cute::_128, cute::_128, cute::_64>;
+
+// The epilogues. ElementC = void: D = alpha * acc with no source operand (alpha = 1). Kept at
+// namespace scope on purpose: spelled inside the class template below, nvcc 13.0's host code for
+// g++ 12 loses a `typename` in the epilogue type and fails to compile.
+using CooperativeEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, CooperativeTile, ClusterShape,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element,
     LayoutD*, kAlignment, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
     cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+using PingpongEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, PingpongTile, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element,
+    LayoutD*, kAlignment, cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong,
+    cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+constexpr int kCooperativeEpilogueSmemBytes = static_cast<int>(sizeof(typename CooperativeEpilogue::SharedStorage));
+constexpr int kPingpongEpilogueSmemBytes = static_cast<int>(sizeof(typename PingpongEpilogue::SharedStorage));
 
-// Kept at namespace scope on purpose: spelled inside the class template below, nvcc 13.0's host
-// code for g++ 12 loses a `typename` in the epilogue type and fails to compile.
-constexpr int kEpilogueSmemBytes = static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage));
+// The two schedules. Cooperative: both consumer warpgroups share one 128 x 256 tile (64 rows each)
+// and run its epilogue together, so the tensor cores idle during each tile's epilogue. Pingpong:
+// each consumer warpgroup owns a whole 128 x 128 tile and the two alternate, one running its
+// mainloop while the other runs its epilogue. The wgrad's problems <p, q, rows_e> have a short K
+// (an expert's rows: 256 at 4k tokens for Qwen3-235B) and many tiles, so the epilogue is a large
+// share of each tile's time, which pingpong hides.
+struct Cooperative {
+  using TileShape = CooperativeTile;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using Epilogue = CooperativeEpilogue;
+  static constexpr int kEpilogueSmemBytes = kCooperativeEpilogueSmemBytes;
+};
+struct Pingpong {
+  using TileShape = PingpongTile;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using Epilogue = PingpongEpilogue;
+  static constexpr int kEpilogueSmemBytes = kPingpongEpilogueSmemBytes;
+};
 
-template <class LayoutA, class LayoutB>
+template <class LayoutA, class LayoutB, class Schedule>
 struct Config {
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
-      LayoutB*, kAlignment, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmemBytes>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      LayoutB*, kAlignment, float, typename Schedule::TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<Schedule::kEpilogueSmemBytes>,
+      typename Schedule::KernelSchedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, typename Schedule::Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
 };
 
-using MGroupedRowB = Config<cutlass::layout::RowMajor, cutlass::layout::RowMajor>;
-using MGroupedColB = Config<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
-using KGrouped = Config<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+using MGroupedRowB = Config<cutlass::layout::RowMajor, cutlass::layout::RowMajor, Cooperative>;
+using MGroupedColB = Config<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor, Cooperative>;
+using KGrouped = Config<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, Pingpong>;
 
 // Per-group arrays the grouped kernel reads, carved out of the caller's workspace.
 template <class Cfg>
