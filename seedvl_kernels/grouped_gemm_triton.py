@@ -54,86 +54,25 @@ BLOCK_M) * BLOCK_M - size_e) wasted rows (bench/bench_moe.py reports the fractio
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------- tunables
+from . import grouped_gemm_tune
+from .grouped_gemm_tune import (  # noqa: F401  (the tunables' home; re-exported for callers)
+    K_CANDIDATES,
+    M_CANDIDATES,
+    PERSISTENT_ENV,
+    KGroupedConfig,
+    MGroupedConfig,
+    k_grouped_config,
+    m_grouped_config,
+    persistent_default,
+    search_candidates,
+)
 
-
-@dataclass(frozen=True)
-class MGroupedConfig:
-    """Tiles of the M-grouped kernel (forward, dgrad, and the MoE GEMMs)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int  # M-tiles per swizzle band
-    num_warps: int
-    num_stages: int
-    # launch_m_grouped runs _grouped_gemm_fwd_persistent_kernel instead of one program per tile:
-    # ctas_per_sm programs per SM (that kernel's occupancy at these tiles), each looping over tiles.
-    # moe_ffn's fused gate-up and down-dgrad kernels have no persistent variant and ignore both.
-    persistent: bool = False
-    ctas_per_sm: int = 1
-
-
-@dataclass(frozen=True)
-class KGroupedConfig:
-    """Tiles of the K-grouped (wgrad) kernel: a BLOCK_K x BLOCK_N tile of dB, BLOCK_R rows a step."""
-
-    block_k: int
-    block_n: int
-    block_r: int
-    group_k: int
-    num_warps: int
-    num_stages: int
-
-
-# The interpreter runs each program in numpy: few, mid-sized tiles are fastest there, and 32 keeps
-# odd test sizes (16..48) exercising partial tiles and multi-step K loops.
-_INTERPRET_M = MGroupedConfig(32, 32, 32, 4, 4, 1)
-_INTERPRET_K = KGroupedConfig(32, 32, 32, 4, 4, 1)
-
-
-# $SEEDVL_GROUPED_GEMM_PERSISTENT=1 makes m_grouped_config pick the persistent kernel (read at each
-# launch). The default is 0, one program per tile, until a GPU run shows which is faster
-# (profiles/grouped_gemm_persistent.md, scripts/gpu_pass.sh).
-PERSISTENT_ENV = "SEEDVL_GROUPED_GEMM_PERSISTENT"
-
-
-def persistent_default() -> bool:
-    """Whether m_grouped_config picks the persistent kernel: $SEEDVL_GROUPED_GEMM_PERSISTENT, else no."""
-    value = os.environ.get(PERSISTENT_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"${PERSISTENT_ENV}: expected 0 or 1, got {value!r}")
-    return value == "1"
-
-
-def m_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> MGroupedConfig:
-    """Tiles for the M-grouped kernel, keyed on (N, K, dtype), never on M (rows change every batch).
-    GPU values are starting points for tuning (profiles/moe.md). ctas_per_sm is the persistent
-    kernel's occupancy in the offline sm_90a compile (profiles/grouped_gemm.md): it keeps 50-70
-    more registers than the one-program-per-tile kernel, 165-254 at these tiles."""
-    persistent = persistent_default()
-    if device.type != "cuda":
-        return replace(_INTERPRET_M, persistent=persistent)
-    if dtype == torch.float32:  # IEEE fp32 dots run on FMA units: smaller tiles (persistent: 168 regs)
-        return MGroupedConfig(64, 64, 32, 8, 4, 3, persistent, 3)
-    block_n = 256 if n >= 2048 else 128  # persistent: 248-254 / 165 registers x 8 warps, 1 CTA per SM
-    return MGroupedConfig(128, block_n, 64, 8, 8, 3, persistent, 1)
-
-
-def k_grouped_config(n: int, k: int, dtype: torch.dtype, device: torch.device) -> KGroupedConfig:
-    """Tiles for the K-grouped (wgrad) kernel."""
-    if device.type != "cuda":
-        return _INTERPRET_K
-    if dtype == torch.float32:  # 4 warps spill here on sm_90 (FMA dots of the transposed A tile)
-        return KGroupedConfig(64, 64, 32, 8, 8, 3)
-    return KGroupedConfig(128, 128, 64, 8, 8, 3)
+# ----------------------------------------------------------------------------- helpers
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -534,7 +473,18 @@ def launch_m_grouped(
         n, stride_bk, stride_bn = b.shape[1], b.stride(2), b.stride(1)
     else:
         n, stride_bk, stride_bn = b.shape[2], b.stride(1), b.stride(2)
-    cfg = config or m_grouped_config(n, k, a.dtype, a.device)
+    if config is None:
+        flags = (trans_b, a_rows is not None, out_rows is not None, row_scale is not None)
+        key = ("m_grouped", n, k, a.dtype, *flags)  # never M: see grouped_gemm_tune
+        candidates = search_candidates(m_grouped_config(n, k, a.dtype, a.device), a.dtype)
+
+        def run(c: MGroupedConfig) -> None:
+            launch_m_grouped(
+                a, b, offsets, out, trans_b, a_rows=a_rows, out_rows=out_rows, row_scale=row_scale, config=c
+            )
+
+        config = grouped_gemm_tune.choose(key, candidates, run, a.device, has_rows=m > 0 and n > 0 and k > 0)
+    cfg = config
     tiles = num_m_tiles_bound(m, num_groups, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if tiles == 0:
         return
@@ -603,7 +553,20 @@ def launch_k_grouped(
         stride_ok, stride_on = out.stride(2), out.stride(1)
     else:
         stride_ok, stride_on = out.stride(1), out.stride(2)
-    cfg = config or k_grouped_config(n, k, a.dtype, a.device)
+    if config is None:
+        flags = (trans_b, a_rows is not None, c_rows is not None, c_scale is not None)
+        key = ("k_grouped", n, k, a.dtype, *flags)  # never the rows: see grouped_gemm_tune
+        candidates = search_candidates(k_grouped_config(n, k, a.dtype, a.device), a.dtype)
+        rows = a_rows.numel() if a_rows is not None else a.shape[0]
+
+        def run(cfg: KGroupedConfig) -> None:
+            launch_k_grouped(
+                a, c, offsets, out, trans_b, a_rows=a_rows, c_rows=c_rows, c_scale=c_scale, config=cfg
+            )
+
+        has_rows = rows > 0 and n > 0 and k > 0 and num_groups > 0
+        config = grouped_gemm_tune.choose(key, candidates, run, a.device, has_rows=has_rows)
+    cfg = config
     grid = (triton.cdiv(k, cfg.block_k) * triton.cdiv(n, cfg.block_n), num_groups)
     if grid[0] * grid[1] == 0:
         return

@@ -215,6 +215,150 @@ def test_persistent_selected_by_environment(monkeypatch):
         grouped_gemm(a, b, offsets, impl="triton")
 
 
+@pytest.mark.parametrize("kind", ["m_grouped", "k_grouped"])
+def test_search_candidates_at_the_gpu_tiles(kind):
+    """Every config $SEEDVL_AUTOTUNE=search may pick on a GPU, run under the interpreter in fp16 with
+    moe_ffn's indirections against the fp64 reference: groups of 0, 1, 130 and 70 rows, K past two
+    BLOCK_K steps and not a multiple of them, N past one 128-wide tile."""
+    sizes, K, N, T = [0, 1, 130, 70], 130, 136, 97
+    M = sum(sizes)
+    offsets = _offsets(sizes)
+    x = torch.randn(T, K).to(torch.float16)
+    rows = torch.randint(0, T, (M,), dtype=torch.int32)
+    scale = torch.rand(M)
+    if kind == "m_grouped":
+        b = (torch.randn(len(sizes), K, N) / K**0.5).to(torch.float16)
+        out_rows = torch.randperm(M).to(torch.int32)
+        expected = torch.empty(M, N, dtype=torch.float64)
+        product = grouped_gemm_ref(x[rows.long()].double(), b.double(), offsets)
+        expected[out_rows.long()] = product * scale[:, None].double()
+        for cfg in ggt.M_CANDIDATES:
+            out = torch.full((M, N), float("nan"), dtype=torch.float16)
+            ggt.launch_m_grouped(
+                x, b, offsets, out, False, a_rows=rows, out_rows=out_rows, row_scale=scale, config=cfg
+            )
+            assert_close(out.double(), expected, f"M-grouped {cfg}", atol=8e-3, rtol=2e-3)
+    else:
+        c = torch.randn(T, N).to(torch.float16)
+        expected = grouped_gemm_dw_ref(
+            x[rows.long()].double(), c[rows.long()].double() * scale[:, None].double(), offsets
+        )
+        for cfg in ggt.K_CANDIDATES:
+            dw = torch.full((len(sizes), K, N), float("nan"), dtype=torch.float16)
+            ggt.launch_k_grouped(
+                x, c, offsets, dw, False, a_rows=rows, c_rows=rows, c_scale=scale, config=cfg
+            )
+            assert_close(dw.double(), expected, f"K-grouped {cfg}", atol=8e-3, rtol=2e-3)
+            assert torch.equal(dw[0], torch.zeros(K, N, dtype=torch.float16))
+
+
+@pytest.fixture
+def _searching(monkeypatch):
+    """The search path on CPU: a "GPU" where every launch may be searched, with a fake clock that
+    hands out the next of a list of times without running the candidate (each candidate's numerics
+    are tested above). Yields the list of timings taken."""
+    from seedvl_kernels import grouped_gemm_tune
+
+    timed, clock = [], iter([])
+
+    def fake_time(fn):
+        timed.append(fn)
+        return next(clock)
+
+    def set_clock(times):
+        nonlocal clock
+        clock = iter(times)
+
+    monkeypatch.setenv(grouped_gemm_tune.AUTOTUNE_ENV, "search")
+    monkeypatch.setattr(grouped_gemm_tune, "_searchable", lambda device: True)
+    monkeypatch.setattr(grouped_gemm_tune, "_time_ms", fake_time)
+    grouped_gemm_tune.forget()
+    yield timed, set_clock
+    grouped_gemm_tune.forget()
+
+
+def test_search_is_keyed_on_n_k_and_dtype_not_m(_searching, monkeypatch):
+    """The first launch of an (N, K, dtype) key times each candidate and keeps the fastest; later
+    launches with other row counts reuse it without timing; a new N searches again; an empty first
+    launch neither times nor records; "pinned" never times; a bad mode names the variable."""
+    from seedvl_kernels import grouped_gemm_tune
+
+    timed, set_clock = _searching
+    grids = []
+    monkeypatch.setattr(ggt, "_grouped_gemm_fwd_kernel", _Recorder(ggt._grouped_gemm_fwd_kernel, grids))
+    K, N, E = 64, 136, 3
+    b = (torch.randn(E, K, N) / K**0.5).to(torch.float16)
+    heuristic = ggt.m_grouped_config(N, K, torch.float16, torch.device("cpu"))  # the launch's device
+    candidates = ggt.search_candidates(heuristic, torch.float16)
+    assert candidates == [heuristic, *ggt.M_CANDIDATES]
+    winner = candidates.index(ggt.MGroupedConfig(64, 128, 64, 8, 4, 4))
+
+    def launch(sizes, n=N):
+        a = torch.randn(sum(sizes), K).to(torch.float16)
+        out = torch.empty(sum(sizes), n, dtype=torch.float16)
+        ggt.launch_m_grouped(a, b[..., :n], _offsets(sizes), out, False)
+        return a, out
+
+    launch([0, 0, 0])  # no rows: nothing to time, nothing recorded
+    assert not timed and not grouped_gemm_tune.chosen()
+    set_clock([3.0 if i != winner else 1.0 for i in range(len(candidates))])
+    launch([5, 0, 12])
+    assert len(timed) == len(candidates)
+    assert list(grouped_gemm_tune.chosen().values()) == [candidates[winner]]
+    grids.clear()
+    sizes = [40, 3, 77]
+    a, out = launch(sizes)  # another M: the same key
+    assert len(timed) == len(candidates), "a new row count searched again"
+    assert grids == [((triton_cdiv(sum(sizes), 64) + E) * triton_cdiv(N, 128),)], grids
+    assert_close(
+        out,
+        grouped_gemm_ref(a.double(), b.double(), _offsets(sizes)),
+        "with the winner",
+        **tol(torch.float16, 4),
+    )
+    set_clock([1.0] * len(candidates))
+    launch([5, 0, 12], n=72)  # another N: a new key
+    assert len(timed) == 2 * len(candidates) and len(grouped_gemm_tune.chosen()) == 2
+    monkeypatch.setenv(grouped_gemm_tune.AUTOTUNE_ENV, "pinned")
+    grouped_gemm_tune.forget()
+    launch([5, 0, 12])
+    assert len(timed) == 2 * len(candidates) and not grouped_gemm_tune.chosen()
+    monkeypatch.setenv(grouped_gemm_tune.AUTOTUNE_ENV, "fast")
+    with pytest.raises(ValueError, match=grouped_gemm_tune.AUTOTUNE_ENV):
+        launch([5, 0, 12])
+
+
+def test_search_covers_the_wgrad_and_skips_fp32(_searching):
+    """The K-grouped (wgrad) launch searches its own candidates once per key; fp32 is not searched."""
+    from seedvl_kernels import grouped_gemm_tune
+
+    timed, set_clock = _searching
+    sizes, K, N = [9, 0, 14], 40, 24
+    g = torch.randn(sum(sizes), N).to(torch.float16)
+    a = torch.randn(sum(sizes), K).to(torch.float16)
+    heuristic = ggt.k_grouped_config(N, K, torch.float16, torch.device("cpu"))
+    candidates = ggt.search_candidates(heuristic, torch.float16)
+    assert candidates == [heuristic, *ggt.K_CANDIDATES]
+    set_clock([2.0, 3.0, 1.0, 3.0])
+    dw = torch.empty(len(sizes), K, N, dtype=torch.float16)
+    ggt.launch_k_grouped(a, g, _offsets(sizes), dw, False)
+    assert len(timed) == len(candidates)
+    (choice,) = grouped_gemm_tune.chosen().values()
+    assert choice == candidates[2]
+    assert_close(
+        dw,
+        grouped_gemm_dw_ref(a.double(), g.double(), _offsets(sizes)),
+        "wgrad, winner",
+        **tol(torch.float16, 4),
+    )
+    ggt.launch_k_grouped(a.float(), g.float(), _offsets(sizes), dw.float(), False)
+    assert len(timed) == len(candidates), "fp32 was searched"
+
+
+def triton_cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
 class _Recorder:
     """A kernel stand-in that records each launch and forwards it."""
 
