@@ -30,6 +30,10 @@ way, bit for bit. Which one runs: ``m_grouped_config`` sets ``persistent`` from
 $SEEDVL_GROUPED_GEMM_PERSISTENT (default 0: one program per tile; no GPU has timed the two yet), and
 a caller can pass its own ``config``.
 
+Tiles: a launcher given no ``config`` takes it from seedvl_kernels.grouped_gemm_tune, the heuristic
+of (N, K, dtype) or, under $SEEDVL_AUTOTUNE=search on a GPU, the fastest of a few candidates timed on
+the first launch of each (N, K, dtype, layout) key and reused for every later M.
+
 The dW kernel's grid is (K-tiles x N-tiles, E); its axis 1 walks the groups in decreasing size
 (a device-side argsort of the group sizes), so under skewed routing the longest programs start
 first and the short ones fill in behind them.
