@@ -105,7 +105,11 @@ def test_baseline_and_scores_on_a_known_set():
     assert list(scores) == ["count", "closer", "ground2d", "all"]
     assert scores["count"] == {
         "accuracy": 0.5, "baseline": 0.5, "correct": 2, "total": 4, "baseline_rule": "majority answer",
+        "top_answer": "2", "top_share": 0.5,
     }  # fmt: skip
+    # The most frequent answer shows a model answering one constant; "all" has none.
+    assert (scores["closer"]["top_answer"], scores["closer"]["top_share"]) == ("the a", 1.0)
+    assert "top_share" not in scores["all"]
     g = scores["ground2d"]
     assert (g["accuracy"], g["baseline"], g["score"], g["baseline_score"]) == (1.0, 1.0, 0.5, 1.0)
     assert g["metric"] == "IoU" and g["baseline_rule"] == "mean answer <bbox>50,50,200,200</bbox>"

@@ -315,19 +315,26 @@ def device_arg(spec: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {spec!r}") from None
 
 
+def _top(s: dict) -> str:
+    """ "; most often 'yes' (0.94)" for a skill's entry, "" for the "all" row."""
+    return f"; most often {s['top_answer']!r} ({s['top_share']:.2f})" if "top_share" in s else ""
+
+
 def format_table(result: EvalResult) -> str:
-    """One line per skill: accuracy and baseline, the graded score and its baseline, n."""
+    """One line per skill: accuracy and baseline, the graded score and its baseline, n, and the
+    model's most frequent answer with its share (1.00: one constant answer)."""
     fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"
     lines = [
         f"held-out loss {fmt(result.loss).strip()} (CE per answer token)",
         f"{'skill':<12} {'accuracy':>8} {'baseline':>8}  {'graded':>16} {'baseline':>8} {'n':>5}  "
-        "baseline rule",
+        "baseline rule; most frequent answer (share)",
     ]
     for kind, s in result.scores.items():
         graded = f"{s['metric']:>9} {fmt(s['score'])}" if "score" in s else " " * 16
         lines.append(
             f"{kind:<12} {fmt(s['accuracy']):>8} {fmt(s['baseline']):>8}  {graded} "
-            f"{fmt(s.get('baseline_score')) if 'score' in s else '':>8} {s['total']:>5}  {s['baseline_rule']}"
+            f"{fmt(s.get('baseline_score')) if 'score' in s else '':>8} {s['total']:>5}  "
+            f"{s['baseline_rule']}{_top(s)}"
         )
     return "\n".join(lines)
 

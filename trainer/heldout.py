@@ -231,7 +231,10 @@ class Baseline:
 
 def score_records(records: Sequence[EvalRecord], baseline: Baseline) -> dict[str, dict]:
     """Per skill, then "all": accuracy, baseline (the blind answers' expected accuracy), correct,
-    total, baseline_rule; for the graded skills also metric, score and baseline_score."""
+    total, baseline_rule; for the graded skills also metric, score and baseline_score; per skill
+    also top_answer and top_share, the model's most frequent (normalised) answer and the share of
+    questions it gave it to: a model that ignores the picture answers one constant (share 1.0), and
+    on a small held-out set a constant can land above the baseline by chance."""
     groups: dict[str, list[EvalRecord]] = defaultdict(list)
     for r in records:
         groups[r.kind].append(r)
@@ -258,6 +261,9 @@ def _entry(rs: Sequence[EvalRecord], baseline: Baseline, kind: str | None) -> di
         "total": len(rs),
         "baseline_rule": baseline.rule(kind) if kind else "per skill",
     }
+    if kind is not None:
+        top, n = Counter(_norm(r.answer) for r in rs).most_common(1)[0]
+        entry["top_answer"], entry["top_share"] = top, n / len(rs)
     if kind in GRADED:
         entry["metric"] = GRADED[kind]
         entry["score"] = sum(r.score for r in rs) / len(rs)

@@ -167,7 +167,8 @@ def _report(summary: dict) -> str:
     if summary.get("eval"):
         lines.append("  held-out accuracy (blind baseline), per skill:")
         for kind, v in summary["eval"].items():
-            lines.append(f"    {kind:<12} {v['accuracy']:.2f} ({v['baseline']:.2f})  n={v['total']}")
+            top = f"  most often {v['top_answer']!r} ({v['top_share']:.2f})" if "top_share" in v else ""
+            lines.append(f"    {kind:<12} {v['accuracy']:.2f} ({v['baseline']:.2f})  n={v['total']}{top}")
         lines.append(f"  gallery {summary['gallery']}")
     if summary["skipped"]:
         lines.append(f"  skipped samples: {summary['skipped']}")
