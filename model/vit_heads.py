@@ -12,7 +12,7 @@
   caption. Its blocks are :class:`model.vit.ViTBlock` with positions (0, i): 2D RoPE with a zero
   row is 1D RoPE on half of each head.
 - :func:`embedding_norm`: batch normalisation (no affine) of each tower's embeddings before the
-  losses (why: its docstring); images and videos keep separate statistics.
+  losses (why: its docstring); images, videos and their captions keep separate statistics.
 - :class:`SeedViTPretrain`: SeedViT plus these heads, a SuperClass classifier (the image embedding
   -> one logit per subword of the caption vocabulary) and the SigLIP temperature and bias.
 
@@ -199,7 +199,10 @@ class SeedViTPretrain(nn.Module):
         nn.init.zeros_(self.time.bias)
         self.text = TextEncoder(cfg.text, cfg.text_vocab, cfg.embed)
         self.image_norm, self.video_norm = embedding_norm(cfg.embed), embedding_norm(cfg.embed)
-        self.text_norm = embedding_norm(cfg.embed)
+        # Clips' captions (motion) and images' captions (scenes) keep separate statistics too: the
+        # video stage alternates the two, and one running mean over both shifted the scene prompts
+        # of the image zero-shot sets (measured: colour 0.48 -> 0.39, count 0.58 -> 0.53).
+        self.text_norm, self.video_text_norm = embedding_norm(cfg.embed), embedding_norm(cfg.embed)
         self.superclass = nn.Linear(cfg.embed, cfg.text_vocab)
         init_linear(self.superclass)
         # SigLIP's initialisation: t = exp(log 10), b = -10 (Zhai et al. 2023).
@@ -225,8 +228,12 @@ class SeedViTPretrain(nn.Module):
         x = x + self.time(time_features(frame_times)).to(x.dtype)
         return self.video_norm(self.pool(x, cu_videos, max_video))
 
-    def encode_text(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        return self.text_norm(self.text(ids, cu_seqlens, max_seqlen))
+    def encode_text(
+        self, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, video: bool = False
+    ) -> torch.Tensor:
+        """(N, E) one embedding per caption; ``video``: captions of clips (their own statistics)."""
+        norm = self.video_text_norm if video else self.text_norm
+        return norm(self.text(ids, cu_seqlens, max_seqlen))
 
 
 __all__ = ["AttentionPool", "MIMDecoder", "PretrainConfig", "SeedViTPretrain", "TextEncoder", "time_features"]

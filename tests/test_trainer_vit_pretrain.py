@@ -15,11 +15,12 @@ import torch
 from model.config import ViTConfig, get_preset
 from model.preprocess import pack_images, patchify
 from model.vit import SeedViT
-from model.vit_heads import AttentionPool, MIMDecoder, TextEncoder
+from model.vit_heads import AttentionPool, MIMDecoder, PretrainConfig, SeedViTPretrain, TextEncoder
 from tests.utils import assert_close, tol
 from trainer.config import RunConfig, SetupError
+from trainer.vit_pretrain import data as vit_data
 from trainer.vit_pretrain import loop as vit_loop
-from trainer.vit_pretrain.data import CaptionTokenizer, pack_text, scene_caption
+from trainer.vit_pretrain.data import CaptionTokenizer, objects_caption, pack_text, scene_caption
 from trainer.vit_pretrain.export import load_pretrained_vit
 from trainer.vit_pretrain.losses import (
     hog,
@@ -152,7 +153,7 @@ def test_superclass_loss_hand_computed():
     assert idf_weights(df_bags).tolist() == pytest.approx(expected_idf, rel=1e-6)
 
 
-def test_captions_tokenise_and_bag():
+def test_captions_tokenise_and_bag(monkeypatch):
     from trainer.data.spatial import sample_scene
     from trainer.vit_pretrain.data import IMAGE_SCENES
 
@@ -161,10 +162,47 @@ def test_captions_tokenise_and_bag():
     assert len(set(tok.encode("red green blue yellow purple cyan orange gray sphere cube cylinder"))) == 11
     scene = sample_scene(np.random.default_rng(0), IMAGE_SCENES)
     caption = scene_caption(scene, np.random.default_rng(1))
-    assert 1 <= caption.count(",") + 1 <= 3
+    assert [o.name for o in scene.objects] == ["gray sphere"]
+    assert caption == "one object: one sphere, a gray sphere"
+    monkeypatch.setattr(vit_data, "SUMMARY_SHARE", 0.5)  # then half of them say it without the shapes
+    assert scene_caption(scene, np.random.default_rng(1)) == "one object, a gray sphere"
+    assert scene_caption(scene, np.random.default_rng(2)) == caption
     batch = pack_text([caption, "a cube", ""], tok)
     assert batch.cu_seqlens.tolist()[-1] == batch.ids.numel()
     assert batch.bags[1].sum().item() == 2 and batch.bags[2].sum().item() == 1  # "" -> "a"
+
+
+def test_captions_state_the_count_of_each_shape():
+    objects = [("red", "cube"), ("blue", "sphere"), ("gray", "cube")]
+    assert objects_caption(objects, False) == "three objects, a red cube, a blue sphere, a gray cube"
+    assert (
+        objects_caption(objects, True)
+        == "three objects: one sphere and two cubes, a red cube, a blue sphere, a gray cube"
+    )
+    assert objects_caption(
+        [("red", "cube"), ("cyan", "cylinder"), ("green", "sphere"), ("red", "sphere")], True
+    ) == (
+        "four objects: two spheres, one cube and one cylinder, "
+        "a red cube, a cyan cylinder, a green sphere, a red sphere"
+    )
+    assert objects_caption([], True) == "zero objects"
+
+
+def test_image_and_clip_captions_keep_separate_statistics():
+    torch.manual_seed(0)
+    model = SeedViTPretrain(PretrainConfig(VIT, 50, 12))
+    ids, cu = torch.randint(0, 50, (9,)), torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    model.encode_text(ids, cu, 4, video=True)
+    assert model.text_norm.num_batches_tracked.item() == 0
+    assert model.video_text_norm.num_batches_tracked.item() == 1
+    model.encode_text(ids, cu, 4)
+    assert model.text_norm.num_batches_tracked.item() == 1
+    model.eval()
+    with torch.no_grad():  # in evaluation each uses its own running statistics
+        raw = model.text(ids, cu, 4)
+        for norm, video in ((model.text_norm, False), (model.video_text_norm, True)):
+            expected = (raw - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+            assert_close(model.encode_text(ids, cu, 4, video=video), expected, f"video={video}", **F32)
 
 
 def test_attention_pool_and_text_encoder_pack_independently():

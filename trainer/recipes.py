@@ -147,7 +147,7 @@ STAGES: dict[str, Stage] = {
     ),
     "vit_contrastive": Stage(
         "vit_contrastive", ("vit",), lr_max=1.0e-4, lr_min=1.2e-6, schedule="cosine",
-        warmup=2000 / 146_484, seq_len=1536, steps=500, min_level=LEVEL_PROMPT,
+        warmup=2000 / 146_484, seq_len=1536, steps=1500, min_level=LEVEL_PROMPT,
     ),
     "vit_video": Stage(
         "vit_video", ("vit",), lr_max=5.0e-5, lr_min=2.02e-7, schedule="cosine", warmup=12_800 / 63_477,

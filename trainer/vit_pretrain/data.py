@@ -11,9 +11,12 @@ Embedded data (no downloads), from the renderer of trainer.data.spatial:
 - Captions (:func:`scene_caption`) are drawn afresh at every use from the scene's facts: the
   number of objects, every object by colour and shape in random order, and half of the time one
   relation, e.g. "three objects, a blue sphere, a red cube, a gray cylinder, the red cube is left
-  of the gray cylinder". Captions that name only some facts ("a cube") were tried first: they are
-  true of many other images of a batch, which the sigmoid loss then counts as negatives, and the
-  tiny preset learned nothing from them in 150 steps (zero-shot at chance).
+  of the gray cylinder"; by default (``SUMMARY_SHARE``) they also state each shape's count after
+  the number ("three objects: one sphere, one cube and one cylinder, a blue sphere, ..."), which
+  taught count sooner (profiles/vit_pretrain.md). Captions that name only some facts ("a cube")
+  were tried first: they are true of many other images of a batch, which the sigmoid loss then
+  counts as negatives, and the tiny preset learned nothing from them in 150 steps (zero-shot at
+  chance).
 - Videos (:class:`VideoBank`): trainer.data.video's clips in which one object moves along a known
   straight track (left, right, toward or away from the camera) or the camera moves; the frames
   go through the dynamic frame-resolution sampler (model.preprocess.preprocess_video, the
@@ -55,7 +58,7 @@ VIDEO_CLIPS = VideoConfig(size=84, duration=(1.0, 1.4))
 GRAMMAR = (
     *NUMBERS, "object", "objects", *COLORS, *SHAPES, *PLURAL.values(), "a", "an", "the", "is", "of",
     "left", "right", "closer", "than", "moves", "toward", "away", "from", "camera", "forward",
-    "backward", "farther",
+    "backward", "farther", "and",
 )  # fmt: skip
 
 
@@ -87,11 +90,35 @@ def count_phrase(n: int) -> str:
     return f"{NUMBERS[n]} object{'s' if n != 1 else ''}"
 
 
+# The share of captions that state how many of each shape after the number of objects: all of
+# them (0.5 taught count less: profiles/vit_pretrain.md). Drawn per caption only when strictly
+# between 0 and 1.
+SUMMARY_SHARE = 1.0
+
+
+def shape_counts(shapes: list[str]) -> str:
+    """How many of each shape, in SHAPES' order: "one sphere and two cubes"."""
+    parts = [f"{NUMBERS[k]} {s if k == 1 else PLURAL[s]}" for s in SHAPES if (k := shapes.count(s))]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def objects_caption(objects: list[tuple[str, str]], summary: bool) -> str:
+    """(colour, shape) pairs in the caption's order -> "three objects, a red cube, a blue sphere,
+    a gray cube" or, with ``summary``, "three objects: one sphere and two cubes, a red cube, ..."."""
+    head = count_phrase(len(objects))
+    if summary and objects:
+        head += ": " + shape_counts([s for _, s in objects])
+    return ", ".join([head, *(f"a {c} {s}" for c, s in objects)])
+
+
 def scene_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """The number of objects, every object (colour and shape) in random order, and half of the
-    time one relation between two of them (module docstring)."""
+    """The number of objects (``SUMMARY_SHARE`` of the time followed by each shape's count), every
+    object (colour and shape) in random order, and half of the time one relation between two of
+    them (module docstring)."""
     objs = scene.objects
-    parts = [count_phrase(len(objs)), *(f"a {objs[k].name}" for k in rng.permutation(len(objs)))]
+    order = rng.permutation(len(objs))
+    summary = SUMMARY_SHARE >= 1 or (SUMMARY_SHARE > 0 and bool(rng.random() < SUMMARY_SHARE))
+    parts = [objects_caption([(objs[k].color, objs[k].shape) for k in order], summary)]
     if len(objs) >= 2 and rng.random() < 0.5:
         i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
         a, b = objs[i].name, objs[j].name
@@ -308,6 +335,7 @@ __all__ = [
     "count_phrase",
     "make_video_item",
     "motion_caption",
+    "objects_caption",
     "pack_text",
     "pack_videos",
     "scene_caption",

@@ -65,7 +65,7 @@ LR_CAP = 5e-3  # MIM's 7.06e-3 x 20 x 2.5 would be 0.35
 IMAGE_BANK = 2000  # rendered scenes the image stages draw from
 VIDEO_BANK = 240  # rendered clips
 IDF_CAPTIONS = 4096  # captions whose document frequencies give SuperClass's idf
-ZERO_SHOT_PER_CLASS = 24
+ZERO_SHOT_PER_CLASS = 50
 TRAINS = {  # which parts of SeedViTPretrain each kind of stage trains
     "vit_mim": ("vit", "mim"),
     "vit_contrastive": ("vit", "pool", "text", "superclass", "logit_scale", "logit_bias"),
@@ -277,7 +277,7 @@ class ViTRun:
                 f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen
             )
         text = pack_text(captions, self.tok)
-        t = self.model.encode_text(text.ids.to(dev), text.cu_seqlens.to(dev), text.max_seqlen)
+        t = self.model.encode_text(text.ids.to(dev), text.cu_seqlens.to(dev), text.max_seqlen, video=video)
         positives = same_caption(captions).to(dev)
         sig = siglip_loss(x, t, self.model.logit_scale, self.model.logit_bias, positives)
         sc = superclass_loss(self.model.superclass(x), text.bags.to(dev), self.idf.to(dev))
