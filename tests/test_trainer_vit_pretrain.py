@@ -297,12 +297,14 @@ def test_hf_teacher_refuses_what_it_cannot_load(tmp_path):
 # ----------------------------------------------------------------------------- recipes and a tiny run
 
 
-def test_full_recipe_splits_overrides_and_orders_stages():
+def test_full_recipe_splits_overrides_and_orders_stages(tmp_path):
     vit, vlm = vit_loop._split_overrides(["vit_mim.steps=3", "stage1.lr_max=1e-3", "*.grad_clip=0.5"])
     assert vit == ["vit_mim.steps=3", "*.grad_clip=0.5"]
     assert vlm == ["stage1.lr_max=1e-3", "*.grad_clip=0.5"]
     with pytest.raises(SetupError, match="must come before"):
         vit_loop.train_recipe(RunConfig(recipe="stage0,vit_mim"), train_vlm=None)
+    with pytest.raises(SetupError, match=r"--data vst:single=1: ViT pre-training reads captioned images"):
+        vit_loop.ViTRun(RunConfig(recipe="vit", data="vst:single=1", out=str(tmp_path / "vit")))
     scaled = vit_loop.scale_vit_stages(vit_loop.get_recipe("vit"), VIT)
     assert [s.lr_max for s in scaled] == pytest.approx([5e-3, 5e-3, 5e-4])  # x 1280/64 x 2.5 or 0.5, capped
 

@@ -523,7 +523,8 @@ class Run:
             cfg.preset, n_params / 1e6, self.model_cfg.llm.vocab_size, cfg.recipe,
             ", ".join(f"{s.name} {s.steps} steps x {s.accum} x {s.seq_len} tok, LR {s.lr_max:.2e}"
                       for s in self.stages),
-            cfg.data, self.device, " (deterministic)" if self.deterministic else "", layout, self.out,
+            ", ".join(dict.fromkeys(s.data or cfg.data for s in self.stages)), self.device,
+            " (deterministic)" if self.deterministic else "", layout, self.out,
         )  # fmt: skip
         if self.rank == 0:
             (self.out / "config.toml").write_text(dump_toml(cfg))  # set up and accepted: this is the run

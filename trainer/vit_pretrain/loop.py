@@ -105,6 +105,11 @@ class ViTRun:
         validate(cfg)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SetupError("ViT pre-training runs in one process; launch it without torchrun")
+        if cfg.data.partition(":")[0] == "vst":
+            raise SetupError(
+                f"--data {cfg.data}: ViT pre-training reads captioned images from 'spatial' or a JSONL "
+                "manifest; VST data are question-answer conversations for the VLM stages"
+            )
         self.cfg = cfg
         self.out = prepare_out_dir(cfg)
         logs.setup_logging(self.out)
