@@ -144,7 +144,10 @@ class PostTraining:
         log.info("post-training %s from %s: %s", cfg.recipe, self.init_ckpt, s)
         rm, summary["reward_model"] = self._reward_model(loaded.model)
         summary["curation"] = self._curate(loaded.model, rm)
-        summary.update(self._rl(loaded.model, rm))
+        if self.pool_keys:
+            summary.update(self._rl(loaded.model, rm))
+        else:
+            summary.update(self._no_rl(loaded.model, summary["curation"]))
         final = self._evaluate(self.actor)
         summary["eval"] = final.scores
         summary["eval_delta"] = {
@@ -322,8 +325,6 @@ class PostTraining:
     # ----------------------------------------------------------------------------- RL
 
     def _rl(self, sft: SeedVLM, rm: SeedVLM) -> dict:
-        if not self.pool_keys:
-            return self._no_rl(sft)
         s, cfg = self.s, self.cfg
         yes, no = RM.yes_no_ids(self.tok)
         self.actor = _copy(sft).train()
@@ -426,12 +427,12 @@ class PostTraining:
             check_resume(saved, self._signature(), path)
         return path
 
-    def _no_rl(self, sft: SeedVLM) -> dict:
+    def _no_rl(self, sft: SeedVLM, stats: dict) -> dict:
         """No prompt survived curation: no PPO episode, and so no rejection-sampling round after one.
         The report (§4.3) discards prompts solved 0% or more than 75% of the time and names no
         fallback; training on them would give PPO nothing to learn from (all-zero rewards when none
-        is ever solved), so the run says so and goes on to its final evaluation of ``sft``."""
-        stats = json.loads((self.out / "curation.json").read_text())["stats"]
+        is ever solved), so the run says so and goes on to its final evaluation of ``sft``.
+        ``stats`` are the curation's (``_curate``)."""
         why = ", ".join(f"{n} {reason}" for reason, n in stats.get("dropped", {}).items() if n)
         reason = (
             f"curation kept 0 of {stats['candidates']} prompts: {why or 'none to curate'}; "
