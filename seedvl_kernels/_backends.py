@@ -44,6 +44,19 @@ def ref_support(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def cpu_support_for(dtypes: tuple[torch.dtype, ...]):
+    """Support predicate for an implementation on CPU tensors (PyTorch's CPU kernels) of ``dtypes``."""
+
+    def support(device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return f"the cpu implementation runs on CPU tensors, not on {device.type}"
+        if dtype not in dtypes:
+            return f"the cpu implementation handles {[str(d) for d in dtypes]}, not {dtype}"
+        return None
+
+    return support
+
+
 # Triton's interpreter computes tl.dot on bfloat16 operands wrongly (an upstream defect: errors of
 # 1e9 and more), so under TRITON_INTERPRET=1 no kernel that multiplies with tl.dot serves bfloat16.
 INTERPRETER_DOT_BROKEN = (torch.bfloat16,)

@@ -1,4 +1,4 @@
-"""Choosing an implementation (``ref``, ``triton``, ``cuda``) for each op call.
+"""Choosing an implementation (``ref``, ``cpu``, ``triton``, ``cuda``) for each op call.
 
 Precedence, first match wins:
 
@@ -8,8 +8,9 @@ Precedence, first match wins:
 4. ``auto``.
 
 ``auto`` takes the fastest implementation that can serve the call's device and dtype (CUDA, then
-Triton, then the reference on a GPU; the reference on a CPU, since the Triton interpreter is only a
-test vehicle). An explicit choice that cannot serve a call raises :class:`ImplUnavailableError`
+Triton, then the reference on a GPU; on a CPU an op's ``cpu`` implementation where it has one (built
+on PyTorch's own CPU kernels), then the reference, since the Triton interpreter is only a test
+vehicle). An explicit choice that cannot serve a call raises :class:`ImplUnavailableError`
 with the reason; it never silently falls back. What each implementation serves is declared once
 per backend in :mod:`seedvl_kernels._backends` (for example: under ``TRITON_INTERPRET=1`` no Triton
 kernel that uses ``tl.dot`` serves bfloat16, which the interpreter multiplies wrongly).
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-IMPLS: tuple[str, ...] = ("ref", "triton", "cuda")
+IMPLS: tuple[str, ...] = ("ref", "cpu", "triton", "cuda")
 CHOICES: tuple[str, ...] = (*IMPLS, "auto")
 _AUTO_ORDER_GPU: tuple[str, ...] = ("cuda", "triton", "ref")
-_AUTO_ORDER_CPU: tuple[str, ...] = ("ref",)
+_AUTO_ORDER_CPU: tuple[str, ...] = ("cpu", "ref")
 
 
 class ImplUnavailableError(RuntimeError):

@@ -56,8 +56,10 @@ dV, dP, dQ, dK). A fused kernel moves (2*T*Hq + 2*Tk*Hkv)*D*itemsize + 4*Hq*T by
 about twice that backward. The reference here is not that kernel: it materialises S and P of
 whole sequences (Hq*Lq*Lk elements each), batching sequences of similar lengths left-padded to a
 common length, and moves cu_seqlens to the host (``.tolist()``) to form those batches, a device
-sync that only the reference may do. Implementations: ``ref`` and
-``triton`` (:mod:`seedvl_kernels.varlen_attention_triton`: schedule, tiles, RoPE fusion, traffic).
+sync that only the reference may do (and the ``cpu`` implementation, on CPU tensors). Implementations:
+``ref``; ``cpu`` (:mod:`seedvl_kernels.varlen_attention_cpu`: PyTorch's fused CPU flash-attention
+kernels on buckets of similar lengths; the default for CPU tensors); ``triton``
+(:mod:`seedvl_kernels.varlen_attention_triton`: schedule, tiles, RoPE fusion, traffic).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _backends, _dispatch, _validate
+from . import varlen_attention_cpu as _cpu
 from . import varlen_attention_triton as _triton
 from .rope_2d import check_theta, rope_2d_ref
 
@@ -321,9 +324,10 @@ def _launch_bwd_ref(dout, dlse, q, k, v, out, lse, p: _Params, dq, dk, dv) -> No
         dst.copy_(src)
 
 
-_LAUNCH_FWD = {"ref": _launch_fwd_ref, "triton": _triton.launch_fwd}
-_LAUNCH_BWD = {"ref": _launch_bwd_ref, "triton": _triton.launch_bwd}
+_LAUNCH_FWD = {"ref": _launch_fwd_ref, "cpu": _cpu.launch_fwd, "triton": _triton.launch_fwd}
+_LAUNCH_BWD = {"ref": _launch_bwd_ref, "cpu": _cpu.launch_bwd, "triton": _triton.launch_bwd}
 _dispatch.register(OP, "ref", _backends.ref_support)
+_dispatch.register(OP, "cpu", _backends.cpu_support_for(_cpu.DTYPES))
 _dispatch.register(OP, "triton", _backends.triton_support_for(DTYPES))
 
 
@@ -532,8 +536,9 @@ def varlen_attention(
             multiple of 4.
         rope_theta: RoPE base for pos_hw, a finite host float >= 1 (checked with or without pos_hw).
         return_lse: also return the log-sum-exp of the scaled scores.
-        impl: "ref", "triton" or "auto" (see seedvl_kernels._dispatch). The Triton kernels take
-            float32/float16/bfloat16, head dims up to 256 and softmax_scale >= 0.
+        impl: "ref", "cpu", "triton" or "auto" (see seedvl_kernels._dispatch; auto is "cpu" for CPU
+            tensors). The Triton kernels take float32/float16/bfloat16, head dims up to 256 and
+            softmax_scale >= 0; "cpu" takes CPU tensors of every dtype the op takes.
 
     Returns:
         out (T, Hq, D) in q's dtype and, with return_lse, lse (Hq, T) float32 (float64 for

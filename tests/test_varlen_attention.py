@@ -303,7 +303,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_dispatch_has_ref_and_triton():
-    assert sk.implementations("varlen_attention") == ["ref", "triton"]
+    assert sk.implementations("varlen_attention") == ["ref", "cpu", "triton"]
     q, k, v, cu, _, mq, _ = _inputs([3], d=8)
     with pytest.raises(sk.ImplUnavailableError, match="Triton kernel handles"):
         sk_va(q.double(), k.double(), v.double(), cu, mq, impl="triton")
