@@ -88,9 +88,9 @@ class _Plan:
     ``shapes``: (B, Lq, Lk) per bucket (query and key slots per sequence). ``rows_q`` (Nq,) /
     ``rows_k`` (Nk,): packed row of each slot, bucket after bucket (padding and dummy slots repeat a
     row of their sequence). ``live_q`` (Nq,): like rows_q, but T (a sentinel row: lse +inf) for
-    slots that must add nothing to the backward. ``inv_q`` (T,) / ``inv_k`` (Tk,): slot of each packed row, Nq
-    / Nk (a sentinel row) for rows in no slot. ``identity``: one bucket of every row in packed
-    order (no gathers)."""
+    slots that must add nothing to the backward. ``inv_q`` (T,) / ``inv_k`` (Tk,): slot of each
+    packed row, Nq / Nk (a sentinel row) for rows in no slot. ``identity``: one bucket of every
+    row in packed order (no gathers)."""
 
     shapes: tuple[tuple[int, int, int], ...]
     rows_q: torch.Tensor

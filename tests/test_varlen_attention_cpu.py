@@ -266,3 +266,25 @@ def test_rotated_q_and_k_are_the_references():
     params = (cu, cu, mq, mq, True, 0.25, pos, 500.0)
     got, want = fwd(q, k, v, *params, "cpu"), fwd(q, k, v, *params, "ref")
     assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3]) and not got[2][11:].any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_views_of_a_fused_qkv(causal):
+    """q, k, v as the ViT block passes them (strided views of one (T, 3, H, D) tensor): equal
+    images (the plan that reads them in place) and unequal ones (gathered); out, lse and the
+    gradient of the fused tensor."""
+    for lens in ([16, 16, 16], [16, 9, 16]):
+        cu, T = _cu(lens), sum(lens)
+        qkv = torch.randn(T, 3, 4, 16)
+        pos = torch.randint(0, 9, (T, 2), dtype=torch.int32)
+        g_out, g_lse = torch.randn(T, 4, 16), torch.randn(4, T)
+        results = []
+        for impl in ("cpu", "ref"):
+            leaf = qkv.clone().requires_grad_()
+            q, k, v = leaf.unbind(1)
+            assert q.stride() == (3 * 4 * 16, 16, 1)
+            out, lse = sk_va(q, k, v, cu, 16, causal=causal, pos_hw=pos, return_lse=True, impl=impl)
+            (grad,) = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), leaf)
+            results.append((out, lse, grad))
+        for label, a, e in zip(("out", "lse", "dqkv"), *results, strict=True):
+            assert_close(a, e, f"{lens} {label}", **tol(torch.float32, 4))
