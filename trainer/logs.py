@@ -52,6 +52,9 @@ def setup_logging(out_dir: Path, level: int = logging.INFO) -> None:
 
 
 PLAIN_LINES = 30  # lines per run when the console is not a terminal
+# What a periodic evaluation keeps of each skill in log.jsonl: enough to draw a learning curve, the
+# graded score next to its baseline, and the share of the most frequent answer (1.0: a constant).
+_EVAL_FIELDS = ("accuracy", "baseline", "total", "score", "baseline_score", "top_share")
 
 
 class RunLog:
@@ -113,7 +116,7 @@ class RunLog:
 
     def eval(self, step: int, loss: float | None, scores: dict, scalars: dict[str, float]) -> None:
         """A held-out evaluation: an ``eval`` event in log.jsonl, its numbers in TensorBoard."""
-        brief = {k: {f: v[f] for f in ("accuracy", "baseline", "total") if f in v} for k, v in scores.items()}
+        brief = {k: {f: v[f] for f in _EVAL_FIELDS if f in v} for k, v in scores.items()}
         self.event("eval", step=step, loss=loss, scores=brief)
         if self._tb is not None:
             for key, value in scalars.items():
