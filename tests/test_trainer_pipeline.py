@@ -6,7 +6,7 @@ stage 0) with the LLM raised to 4 decoder layers (``seedvl-tiny-4l``, registered
 here), so pp = 2 holds 2 x 2 virtual stages. Every step's loss, gradient norm and MoE balance
 losses must match the single-process run's to relative 1e-5 (fp32; the layouts differ only in the
 order of floating-point sums, ~1e-7 per step), and every parameter's gradient, gathered before each
-optimizer step, to 1e-4 of that tensor's largest gradient (the clipped gradients of 8 steps, each
+optimizer step, to 3e-4 of that tensor's largest gradient (the clipped gradients of 8 steps, each
 on weights that drifted by the steps before).
 
 Layouts: pp=2 with interleaved1f1b (V = 2, the default), pp=2,dp=2 with 1f1b (4 ranks); then a
@@ -31,7 +31,10 @@ from tests.dist_utils import assert_same_steps, logged_steps, spawn
 pytestmark = pytest.mark.dist
 
 RTOL = 1e-5  # losses, gradient norm and MoE losses against the single-process run
-GRAD_RTOL = 1e-4
+# The largest element's error grows with the steps: 1.2-1.5e-4 of the tensor's largest gradient at
+# step 6 (mean error ~5e-6); a dropped or doubled micro-batch of the four moves gradients by tens
+# of percent.
+GRAD_RTOL = 3e-4
 PRESET = "seedvl-tiny-4l"
 # 4 micro-batches per step (2 per pipeline at dp=2); shorter stage 2 and SFT budgets keep CI quick.
 OVERRIDES = ["*.accum=4", "stage2.seq_len=1024", "sft.seq_len=1024"]

@@ -66,7 +66,12 @@ def test_scaling_to_presets():
     tiny = scale_to(get_recipe("vlm"), build_model_config("seedvl-tiny", tok))
     # the CPU-scale budget of 1,024/4,096 tokens per step, as 2 micro-batches (dp=2 runs it too)
     assert [(s.accum, s.seq_len) for s in tiny] == [(2, 512), (2, 512), (2, 2048), (2, 2048)]
-    assert tiny[1].lr_max == pytest.approx(5.22e-5 * 64) and tiny[3].lr_min == pytest.approx(2e-6 * 64)
+    # the width rule (x 64), then the CPU-scale presets' own factors: stage 0 / 16, stages 1-2 x 0.1
+    # (stage 2 still continues at stage 1's final LR), SFT x 3.125
+    lrs = [lr for s in tiny for lr in (s.lr_max, s.lr_min)]
+    want = [2.52e-4 * 4, 4.5e-5 * 4, 5.22e-5 * 6.4, 5.22e-6 * 6.4, 5.22e-6 * 6.4, 5.22e-6 * 6.4, 4e-3, 4e-4]
+    assert lrs == pytest.approx(want)
+    assert tiny[2].lr_max == pytest.approx(tiny[1].lr_min)
     big = scale_to(get_recipe("vlm"), get_preset("seedvl-qwen3-235b-a22b"))
     assert big == get_recipe("vlm"), "the reference width gets the paper's values"
     mid = scale_to(get_recipe("vlm"), get_preset("seedvl-qwen3-30b-a3b"))
@@ -75,7 +80,7 @@ def test_scaling_to_presets():
 
 def test_steps_tokens_and_overrides():
     stages = get_recipe("vlm")
-    assert [s.steps for s in with_steps(stages, steps=33)] == [1, 26, 1, 5]
+    assert [s.steps for s in with_steps(stages, steps=33)] == [1, 2, 1, 30]
     by_tokens = with_steps(stages, tokens=10_000_000)
     assert sum(s.steps * s.seq_len for s in by_tokens) == pytest.approx(10_000_000, rel=0.01)
     with pytest.raises(ValueError, match="not both"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from trainer.data.chat import EncodeConfig, encode_conversation
 from trainer.data.manifest import ManifestDataset
 from trainer.data.render import render
 from trainer.data.spatial import (
+    CURRICULUM,
     KINDS,
     PLURAL,
     SpatialConfig,
@@ -258,7 +260,8 @@ def test_caption_matches_the_scene():
 
 
 def test_training_config_options():
-    assert training_config("") == SpatialConfig()
+    assert training_config("") == SpatialConfig(curriculum=CURRICULUM)
+    assert training_config("curriculum=0") == SpatialConfig()
     cfg = training_config("questions=3,caption=1,think_prob=0.5")
     assert (cfg.questions, cfg.caption, cfg.think_prob) == (3, True, 0.5)
     assert training_config("caption=0").caption is False
@@ -282,3 +285,32 @@ def test_export_several_questions(tmp_path):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.levels, b.levels)
         assert "answer" not in loaded[i].meta  # no single answer to score a held-out split against
+
+
+def test_curriculum_phases():
+    """Sample i draws its skill from the phase holding i; the scenes do not depend on the mix."""
+    cfg = SpatialConfig(curriculum=((0, (("closer", 1.0),)), (5, (("depth", 1.0),))))
+    ds, flat = SpatialDataset(3, cfg), SpatialDataset(3)
+    kinds = [ds.sample(i)[1] for i in range(10)]
+    # A scene without a closer (depth-separated) pair falls back to counting, as with any mix.
+    assert set(kinds[:5]) <= {"closer", "count"} and "closer" in kinds[:5]
+    assert kinds[5:] == ["depth"] * 5
+    for i in (0, 7):
+        assert [o.color for o in ds.sample(i)[0].objects] == [o.color for o in flat.sample(i)[0].objects]
+    # Later questions about a scene follow the phase too.
+    more = SpatialDataset(3, replace(cfg, questions=3))[6].meta["asked"]
+    assert {q["kind"] for q in more} == {"depth"}
+
+
+@pytest.mark.parametrize(
+    "curriculum, match",
+    [
+        (((1, (("closer", 1.0),)),), "starting at 0"),
+        (((0, (("closer", 1.0),)), (0, (("depth", 1.0),))), "increasing"),
+        (((0, (("closer", 1.0),)), (4, (("colour", 1.0),))), r"curriculum\[1\]: unknown kinds \['colour'\]"),
+        (((0, (("closer", 0.0),)),), r"curriculum\[0\]: expected weights"),
+    ],
+)
+def test_curriculum_rejects(curriculum, match):
+    with pytest.raises(ValueError, match=match):
+        SpatialConfig(curriculum=curriculum)

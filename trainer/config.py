@@ -42,7 +42,7 @@ class RunConfig:
     recipe: str = "vlm"
     preset: str = "seedvl-tiny"
     data: str = "spatial"  # "spatial" (embedded procedural data) or a JSONL manifest path
-    tokenizer: str = "bytes"  # "bytes", "words" or a local Hugging Face tokenizer directory
+    tokenizer: str = "words"  # "words", "bytes" or a local Hugging Face tokenizer directory
     out: Path | None = None  # default runs/<recipe>-<preset>
     steps: int | None = None  # total steps over all stages (proportions kept)
     tokens: int | None = None  # or a total token budget

@@ -19,18 +19,23 @@ is our choice; the paper does not state one.
 Scaling to a preset (:func:`scale_to`):
 - learning rates x (4096 / LLM hidden): the 1/width rule for Adam (muP-style). The reference width
   4096 is Qwen3-235B-A22B's, our stand-in for Seed's 20B-active LLM, so the big presets get the
-  paper's values, the 2048-wide ones twice them, and the 64-wide tiny preset 64x (stage 1 peaks at
-  3.3e-3, a usual LR for a model that small);
+  paper's values, the 2048-wide ones twice them, and the 64-wide tiny preset 64x;
+- on top of that, the CPU-scale presets (narrower than 2048) take each stage's ``small_lr_scale``,
+  set where the rule's LR measurably fails the default run (profiles/20261201_main_job_learning.md):
+  stage 0 x 1/16 (1e-3 at width 64: the rule's 1.6e-2 blows the adapter's outputs up ~500x in 20
+  steps and the visual tokens never recover), stages 1-2 x 0.1 (3.3e-4: at 3.3e-3 the prompt loss
+  collapses the visual pathway and SFT learns later), SFT x 3.125 (4e-3: the curriculum's skills
+  learn in fewer steps than at 1.28e-3);
 - sequence budgets x min(1, hidden / 2048): the paper's 32k/131k for real models, 1,024/4,096
   tokens per step for the tiny preset on a CPU, where that budget is split into 2 micro-batches of
   512/2,048 (``accum`` = 2), so that the default run also runs data-parallel over 2 ranks;
-- ``steps`` are the tiny preset's defaults (the whole recipe in under 10 minutes on a 2-core CPU,
-  ~1.9M tokens); real runs set ``--steps`` or ``--tokens``. Most of them go to stage 1 and SFT, and
-  SFT gets a larger share than the paper's token split would give it: its loss counts only the
-  answers, while stage 1's also counts the prompt (templates and questions the model cannot
-  predict), and the held-out score is on answers (profiles/20261201_main_job_learning.md). Stage 2
-  keeps 4% of stage 1's steps (16% of its tokens) so that a short ``--steps 16`` run of stage 1 and 2
-  still gives stage 2 one step of its 16.
+- ``steps`` are the tiny preset's defaults (the whole recipe in under 10 minutes on a 2-core CPU);
+  real runs set ``--steps`` or ``--tokens``. SFT gets nearly all of them: its loss counts only the
+  answers, which the picture predicts and the held-out score is on, while the pre-training stages'
+  also counts the prompt, whose gradient at this scale asks the visual tokens for a constant. The
+  embedded data's skill curriculum (trainer.data.spatial.CURRICULUM) is sized for these steps.
+  Stage 2 keeps 5% of stage 1's steps so that a short ``--steps 16`` run of stage 1 and 2 still
+  gives stage 2 one step of its 16.
 One step is ``accum`` packed micro-batches of at most ``seq_len`` tokens each: the global batch,
 whatever the layout. Under data parallelism each of the dp ranks takes accum / dp of them, so
 ``accum`` must be a multiple of dp (``--set '*.accum=N'``).
@@ -69,6 +74,9 @@ class Stage:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     data: str | None = None  # this stage's data source; None: the run's --data
+    # Extra LR factor for the CPU-scale presets (LLM narrower than REFERENCE_SEQ_HIDDEN), on top of
+    # the width rule: where the rule's LR measurably fails the default run (module docstring).
+    small_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         bad = [m for m in self.trainable if m not in MODULES]
@@ -109,19 +117,19 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "stage0": Stage(
         "stage0", ("adapter",), lr_max=2.52e-4, lr_min=4.50e-5, schedule="cosine", warmup=100 / 1905,
-        seq_len=32_768, steps=20, min_level=LEVEL_PROMPT,
+        seq_len=32_768, steps=20, min_level=LEVEL_PROMPT, small_lr_scale=1 / 16,
     ),
     "stage1": Stage(
         "stage1", MODULES, lr_max=5.22e-5, lr_min=5.22e-6, schedule="cosine", warmup=500 / 42_254,
-        seq_len=32_768, steps=1000, min_level=LEVEL_PROMPT,
+        seq_len=32_768, steps=40, min_level=LEVEL_PROMPT, small_lr_scale=0.1,
     ),
     "stage2": Stage(
         "stage2", MODULES, lr_max=5.22e-6, lr_min=5.22e-6, schedule="constant", warmup=0.0,
-        seq_len=131_072, steps=40, min_level=LEVEL_PROMPT, reset_optimizer=False,
+        seq_len=131_072, steps=2, min_level=LEVEL_PROMPT, reset_optimizer=False, small_lr_scale=0.1,
     ),
     "sft": Stage(
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
-        seq_len=131_072, steps=200, min_level=LEVEL_RESPONSE,
+        seq_len=131_072, steps=650, min_level=LEVEL_RESPONSE, small_lr_scale=3.125,
     ),
     # Visual Spatial Tuning (--recipe vst, trainer.rl.vst): SFT on perception (VST-P: answers only),
     # then on reasoning (VST-R: a chain of thought before every answer), each with SFT's settings.
@@ -192,12 +200,13 @@ def scale_to(stages: tuple[Stage, ...], cfg: VLMConfig) -> tuple[Stage, ...]:
     """
     lr_mult = REFERENCE_HIDDEN / cfg.llm.hidden
     seq_mult = min(1.0, cfg.llm.hidden / REFERENCE_SEQ_HIDDEN)
-    accum = SMALL_ACCUM if seq_mult < 1 else 1
+    small = seq_mult < 1
+    accum = SMALL_ACCUM if small else 1
     out = [
         replace(
             s,
-            lr_max=s.lr_max * lr_mult,
-            lr_min=s.lr_min * lr_mult,
+            lr_max=s.lr_max * lr_mult * (s.small_lr_scale if small else 1.0),
+            lr_min=s.lr_min * lr_mult * (s.small_lr_scale if small else 1.0),
             seq_len=max(256, round(s.seq_len * seq_mult / accum)),
             accum=s.accum * accum,
         )

@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="'spatial' (the embedded data, default; 'spatial:questions=4,caption=1' sets how many "
         "questions a scene gets and whether a caption ends it), 'vst:MIX' (the Visual Spatial "
         "Tuning data, e.g. 'vst:think=0,single=1'; trainer.data.vst) or a JSONL manifest")
-    add("--tokenizer", default="bytes",
-        help="'bytes' (default), 'words' (bytes plus the embedded data's words), or a local Hugging "
-        "Face tokenizer directory")
+    add("--tokenizer", default="words",
+        help="'words' (default: bytes plus one id per word of the embedded data), 'bytes', or a local "
+        "Hugging Face tokenizer directory")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="total optimizer steps, split over stages as the recipe's")
     budget.add_argument("--tokens", type=float, help="or a total token budget, split as the recipe's tokens")

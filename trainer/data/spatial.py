@@ -37,6 +37,8 @@ PNG files that trainer.data.manifest reads back pixel for pixel.
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import math
 import re
@@ -57,6 +59,23 @@ DEFAULT_MIX = (
     ("count", 0.2), ("closer", 0.2), ("relation", 0.15), ("ground2d", 0.1),
     ("depth_order", 0.1), ("depth", 0.15), ("ground3d", 0.1),
 )  # fmt: skip
+Mix = tuple[tuple[str, float], ...]
+# The trainer's skill curriculum (TRAINING): (first sample index, mix from there on). The tiny model
+# learns a skill in 100-300 steps when the skill has those steps mostly to itself, and not in a mix
+# of seven (profiles/20261201_main_job_learning.md). Closer comes first: it teaches the model to find
+# the objects a question names, which the later skills reuse. Later phases keep a share of the
+# earlier skills so that they are not forgotten. Indices count the samples of the one stream all the
+# recipe's stages read in turn, and the boundaries fit the default run (words tokenizer: about 22
+# samples a step in stages 0-1 and 85 in SFT): closer through the pre-training stages and SFT's first
+# ~150 steps, depth_order for the next ~250, then depth with the others. A scene without a question
+# of the drawn skill (depth_order needs three objects far enough apart) asks a count instead, so
+# count gets a share of every phase. The grounding skills get none: a 1% share (17 answer ids each)
+# took a tenth of the gradient and only taught the model half a box.
+CURRICULUM: tuple[tuple[int, Mix], ...] = (
+    (0, (("closer", 1.0),)),
+    (15_000, (("depth_order", 0.8), ("closer", 0.2))),
+    (36_000, (("depth", 0.5), ("depth_order", 0.2), ("closer", 0.15), ("count", 0.15), ("relation", 0.05))),
+)  # fmt: skip
 DEPTH_GAP = 1.2  # relative-depth questions: farther depth >= 1.2 x nearer depth
 LATERAL_GAP = 0.3  # left/right questions: |x1 - x2| >= 0.3 m
 
@@ -69,7 +88,10 @@ class SpatialConfig:
     sizes: tuple[int, ...] = (112,)
     min_objects: int = 2
     max_objects: int = 5
-    mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
+    mix: Mix = DEFAULT_MIX
+    # Phases ((first sample index, mix), ...) that replace `mix` from their index on; the first
+    # starts at 0. Empty: `mix` throughout.
+    curriculum: tuple[tuple[int, Mix], ...] = ()
     think_prob: float = 0.0  # fraction of answers preceded by a <think>...</think> rationale
     supersample: int = 2
     # Questions per scene, asked one after another in one conversation: every question after the
@@ -81,25 +103,44 @@ class SpatialConfig:
     caption: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [k for k, _ in self.mix if k not in KINDS]
-        if unknown:
-            raise ValueError(f"SpatialConfig.mix: unknown kinds {unknown}; known: {KINDS}")
+        _check_mix("mix", self.mix)
+        for i, (_, mix) in enumerate(self.curriculum):
+            _check_mix(f"curriculum[{i}]", mix)
+        starts = [start for start, _ in self.curriculum]
+        if starts and (starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts))):
+            raise ValueError(
+                f"SpatialConfig.curriculum: expected phases starting at 0 in increasing order, "
+                f"got starts {starts}"
+            )
         if not 1 <= self.min_objects <= self.max_objects <= len(COLORS):
             raise ValueError(f"SpatialConfig: expected 1 <= min_objects <= max_objects <= {len(COLORS)}")
         if self.questions < 1:
             raise ValueError(f"SpatialConfig.questions: expected >= 1, got {self.questions}")
 
 
-# What the trainer's embedded source serves (trainer.components): one question per scene. The data
-# spec "spatial:questions=4,caption=1" asks several questions of each scene and ends it with the
-# caption (profiles/20261201_main_job_learning.md has what each did to the default run).
-TRAINING = SpatialConfig()
+def _check_mix(name: str, mix: Mix) -> None:
+    unknown = [k for k, _ in mix if k not in KINDS]
+    if unknown:
+        raise ValueError(f"SpatialConfig.{name}: unknown kinds {unknown}; known: {KINDS}")
+    if not mix or any(w < 0 for _, w in mix) or sum(w for _, w in mix) <= 0:
+        raise ValueError(f"SpatialConfig.{name}: expected weights >= 0 with a positive sum, got {mix}")
+
+
+# What the trainer's embedded source serves (trainer.components): one question per scene, skills
+# by CURRICULUM. The data spec "spatial:questions=4,caption=1" asks several questions of each scene
+# and ends it with the caption, "spatial:curriculum=0" draws DEFAULT_MIX throughout
+# (profiles/20261201_main_job_learning.md has what each did to the default run).
+TRAINING = SpatialConfig(curriculum=CURRICULUM)
 
 
 def training_config(options: str = "") -> SpatialConfig:
-    """:data:`TRAINING` with ``options`` applied: "questions=2,caption=0,think_prob=0.5" (the data
-    spec ``spatial:OPTIONS`` of ``--data`` and of a stage's ``data``)."""
-    types = {"questions": int, "caption": lambda v: v.lower() in ("1", "true"), "think_prob": float}
+    """:data:`TRAINING` with ``options`` applied: "questions=2,caption=0,think_prob=0.5,curriculum=0"
+    (the data spec ``spatial:OPTIONS`` of ``--data`` and of a stage's ``data``)."""
+    flag = lambda v: v.lower() in ("1", "true")
+    types = {
+        "questions": int, "caption": flag, "think_prob": float,
+        "curriculum": lambda v: CURRICULUM if flag(v) else (),
+    }  # fmt: skip
     changes = {}
     for item in filter(None, options.split(",")):
         key, sep, value = item.partition("=")
@@ -338,9 +379,16 @@ class SpatialDataset:
 
     def __init__(self, seed: int = 0, cfg: SpatialConfig = SpatialConfig()) -> None:
         self.seed, self.cfg = seed, cfg
-        kinds, weights = zip(*cfg.mix, strict=True)
-        self._kinds = list(kinds)
-        self._p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        phases = cfg.curriculum or ((0, cfg.mix),)
+        self._starts = [start for start, _ in phases]
+        self._mixes = [
+            (list(kinds), np.asarray(weights, dtype=np.float64) / np.sum(weights))
+            for kinds, weights in (zip(*mix, strict=True) for _, mix in phases)
+        ]
+
+    def mix(self, index: int) -> tuple[list[str], np.ndarray]:
+        """(skills, probabilities) that sample ``index`` draws its questions from."""
+        return self._mixes[bisect.bisect_right(self._starts, index) - 1]
 
     @property
     def name(self) -> str:
@@ -350,7 +398,8 @@ class SpatialDataset:
         """(scene, kind, question, answer, rationale) of sample ``index``."""
         rng = np.random.default_rng([self.seed, index])
         scene = sample_scene(rng, self.cfg)
-        kind = str(rng.choice(self._kinds, p=self._p))
+        kinds, p = self.mix(index)
+        kind = str(rng.choice(kinds, p=p))
         qa = ask(scene, kind, rng)
         if qa is None:  # the scene has no such question: fall back to counting
             kind, qa = "count", ask(scene, "count", rng)
@@ -362,10 +411,11 @@ class SpatialDataset:
         # Further questions about the same scene come from their own stream, so sample(index) and
         # the first turn stay what they are with one question per scene.
         more = np.random.default_rng([self.seed, index, 2])
+        kinds, p = self.mix(index)
         for _ in range(4 * (self.cfg.questions - 1)):
             if len(asked) == self.cfg.questions:
                 break
-            k = str(more.choice(self._kinds, p=self._p))
+            k = str(more.choice(kinds, p=p))
             qa = ask(scene, k, more)
             if qa is not None and all(qa[0] != q for _, q, _, _ in asked):
                 asked.append((k, *qa))
