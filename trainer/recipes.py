@@ -129,7 +129,7 @@ STAGES: dict[str, Stage] = {
     ),
     "sft": Stage(
         "sft", ("adapter", "llm"), lr_max=2e-5, lr_min=2e-6, schedule="cosine", warmup=0.1,
-        seq_len=131_072, steps=650, min_level=LEVEL_RESPONSE, small_lr_scale=3.125,
+        seq_len=131_072, steps=600, min_level=LEVEL_RESPONSE, small_lr_scale=3.125,
     ),
     # Visual Spatial Tuning (--recipe vst, trainer.rl.vst): SFT on perception (VST-P: answers only),
     # then on reasoning (VST-R: a chain of thought before every answer), each with SFT's settings.
