@@ -13,7 +13,7 @@ import torch
 
 import seedvl_kernels as sk
 from seedvl_kernels import _dispatch
-from tests.test_varlen_attention import CASES, _compare, _cu, _inputs
+from tests.test_varlen_attention import _cu, _inputs
 from tests.utils import assert_close, tol
 
 va = importlib.import_module("seedvl_kernels.varlen_attention")
@@ -139,17 +139,6 @@ def test_nonfinite_rows_follow_the_contract():
     keep[:2, 25:30] = False
     assert torch.equal(out.transpose(0, 1)[keep], clean_out.transpose(0, 1)[keep])
     assert torch.equal(lse[keep], clean_lse[keep])
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_reference_matches_sdpa(name):
-    """test_varlen_attention's SDPA comparison, on the reference (which auto no longer picks on CPU)."""
-    kw = dict(CASES[name])
-    causal, scale = kw.pop("causal", False), kw.pop("scale", None)
-    shared = "lens_k" not in kw and "pad_k" not in kw
-    q, k, v, cu_q, cu_k, mq, mk = _inputs(**kw)
-    with sk.use_impl(varlen_attention="ref"):
-        _compare(q, k, v, cu_q, cu_k, mq, mk, causal, scale, shared=shared, name=f"ref {name}")
 
 
 def test_dispatch():
