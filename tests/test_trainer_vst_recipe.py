@@ -155,3 +155,9 @@ def test_recipe_end_to_end_with_scores_per_scenario(tmp_path):
     kinds = {k for e in episodes for k in e["reward_by_kind"]}
     assert kinds and {vst.SKILLS[k] for k in kinds} <= {"multiview", "video"}  # vst.rl_data's mix
     assert summary["reward_model"]["steps"] == 0  # verifiable prompts only: no RM training
+    # --resume with another RL prompt mix is refused, naming the setting
+    other = [*TINY[:-1], "vst.rl_data=vst:single=1,multiview=0,video=0"]
+    with pytest.raises(
+        SetupError, match=r"vst\.rl_data 'vst:single=0,multiview=1,video=1' -> 'vst:single=1,"
+    ):
+        run(_cfg(init, out, *other, resume=True))
