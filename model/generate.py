@@ -95,7 +95,7 @@ def _cu_seqlens(lengths: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(_cumsum(lengths), dtype=torch.int32, device=device)
 
 
-def _step(llm: MoELLM, cache: KVCache, embeds: torch.Tensor, new_lengths: list[int]) -> torch.Tensor:
+def decode_step(llm: MoELLM, cache: KVCache, embeds: torch.Tensor, new_lengths: list[int]) -> torch.Tensor:
     """Run the new tokens through the model; logits (b', V) of the last new token of each sequence
     that had any (b' <= B), in sequence order."""
     cache.begin(new_lengths)
@@ -135,7 +135,7 @@ def _prefill(
         embeds = model.embed(ids, visual)
     else:
         embeds = llm.embed(ids)
-    return llm, cache, _step(llm, cache, embeds, [p.numel() for p in prompts])
+    return llm, cache, decode_step(llm, cache, embeds, [p.numel() for p in prompts])
 
 
 def _decode(
@@ -163,7 +163,7 @@ def _decode(
         new = [0] * len(prompts)
         for b in live:
             new[b] = 1
-        logits = _step(llm, cache, llm.embed(tokens[keep]), new)
+        logits = decode_step(llm, cache, llm.embed(tokens[keep]), new)
     return out, logps
 
 

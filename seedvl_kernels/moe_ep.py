@@ -123,6 +123,19 @@ class _RowGather(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def exchange_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all-to-all of rows: ``x``'s rows, split by ``send_splits``, go to the ranks of
+    ``group`` in order, and the rows received are concatenated by ``recv_splits``. Its backward
+    sends the gradient back the same way."""
+    return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``. The backward is a
+    gather through ``inverse``, not a scatter-add, so it is deterministic on every device."""
+    return _RowGather.apply(x, index, inverse)
+
+
 # ----------------------------------------------------------------------------- dispatch / combine
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.generate import KVCache, _step, generate
+from model.generate import KVCache, decode_step, generate
 from model.vlm import SeedVLM
 
 from .data import tokenizer as T
@@ -51,7 +51,7 @@ def sample(
     visual = None
     if images is not None:
         visual = model.encode_images(images.patches, images.pos_hw, images.cu_seqlens, images.max_seqlen)
-    logits = _step(llm, cache, model.embed(prompt.to(weight.device), visual), [prompt.numel()])
+    logits = decode_step(llm, cache, model.embed(prompt.to(weight.device), visual), [prompt.numel()])
     out: list[int] = []
     for _ in range(max_new_tokens):
         scaled = logits[0].float() / temperature
@@ -64,7 +64,7 @@ def sample(
         out.append(token)
         if token == eos_id:
             break
-        logits = _step(llm, cache, llm.embed(torch.tensor([token], device=weight.device)), [1])
+        logits = decode_step(llm, cache, llm.embed(torch.tensor([token], device=weight.device)), [1])
     return torch.tensor(out, dtype=torch.int64)
 
 

@@ -68,7 +68,7 @@ from torch.distributed.tensor import DTensor
 
 from model.llm import MoELLM, rope_cos_sin
 from model.vlm import SeedVLM
-from seedvl_kernels.moe_ep import _AllToAll
+from seedvl_kernels.moe_ep import exchange_rows
 
 from ..balance import lpt
 from ..data.packer import IGNORE_INDEX, PackedBatch
@@ -426,7 +426,7 @@ class Pipeline:
         counts = [int(b.image_positions.shape[0]) for b in micro]  # the placeholders' visual tokens
         totals = [sum(counts[m] for m in order[r]) for r in range(P)]
         recv_splits = totals if me == 0 else [0] * P
-        recv = _AllToAll.apply(send, [send.shape[0]] + [0] * (P - 1), recv_splits, self.group)
+        recv = exchange_rows(send, [send.shape[0]] + [0] * (P - 1), recv_splits, self.group)
         if me != 0:
             return recv, [None] * len(micro)
         leaf = recv.detach().requires_grad_(trains)

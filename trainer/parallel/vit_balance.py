@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from model.preprocess import PATCH, window_positions
-from seedvl_kernels.moe_ep import _AllToAll, _RowGather
+from seedvl_kernels.moe_ep import exchange_rows, gather_rows
 
 from ..balance import CostModel, NeedRuns, locate, lpt
 from ..data.packer import PackedBatch
@@ -86,9 +86,9 @@ class VisualRoute:
 
     def __call__(self, encoded: torch.Tensor) -> torch.Tensor:
         """(Nenc, D) -> (Nneed, D), differentiable; a collective over the balancing group."""
-        send = _RowGather.apply(encoded, self.send_index, self.send_inverse)
-        recv = _AllToAll.apply(send, self.send_splits, self.recv_splits, self.group)
-        return _RowGather.apply(recv, self.recv_index, self.recv_inverse)
+        send = gather_rows(encoded, self.send_index, self.send_inverse)
+        recv = exchange_rows(send, self.send_splits, self.recv_splits, self.group)
+        return gather_rows(recv, self.recv_index, self.recv_inverse)
 
 
 @dataclasses.dataclass
