@@ -9,7 +9,7 @@ endif
 .PHONY: help setup run install build test test-gpu bench lint format gpu-pass info clean
 
 help:
-	@echo "run       set up, then the main job (python trainer/run.py)"
+	@echo "run       set up (no CUDA build without an NVIDIA GPU), then the main job (python trainer/run.py)"
 	@echo "test      set up, then pytest (CPU: reference + Triton interpreter; GPU tests skip without a GPU)"
 	@echo "setup     a virtual environment with torch (CPU or CUDA build, as the machine has) and this project"
 	@echo "install   editable install with dev tools (builds seedvl_kernels._C when nvcc exists)"
@@ -23,7 +23,11 @@ help:
 setup:
 	bash scripts/setup_env.sh
 
-run: setup
+# The main job does not need the CUDA extension where no NVIDIA GPU could run it: skip its build.
+RUN_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo AUTO || echo OFF)
+
+run:
+	SEEDVL_BUILD_CUDA=$${SEEDVL_BUILD_CUDA:-$(RUN_CUDA)} bash scripts/setup_env.sh
 	$(PY) trainer/run.py
 
 install:

@@ -6,7 +6,11 @@
 # installed only when it is not importable: the default build from the package index on a machine
 # with an NVIDIA GPU, else the CPU build ($TORCH_CPU, default torch==2.13.0, which the index here
 # serves as a CPU build; elsewhere point $TORCH_INDEX_URL at a PyTorch index of CPU wheels, so pip
-# does not fetch several GB of CUDA wheels). A stamp skips the rest until pyproject.toml changes.
+# does not fetch several GB of CUDA wheels). $SEEDVL_BUILD_CUDA (AUTO, ON, OFF; default AUTO: where
+# nvcc is found) says whether the CUDA extension is compiled; `make run` passes OFF on a machine
+# without an NVIDIA GPU, where the extension could not run (its CUTLASS grouped GEMM alone takes
+# minutes to compile). A stamp records the choice and skips the rest until pyproject.toml changes or
+# a build is asked for that the environment lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +20,13 @@ else
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
   py=.venv/bin/python
 fi
+export SEEDVL_BUILD_CUDA="${SEEDVL_BUILD_CUDA:-AUTO}"
 stamp="$("$py" -c 'import sys; print(sys.prefix)')/.seedvl-setup"
-if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]] && "$py" -c "import torch, seedvl_kernels" 2>/dev/null; then
+done_as="$(cat "$stamp" 2>/dev/null || true)"
+# OFF asks for no build, so an environment set up with the extension serves it too.
+if [[ -f "$stamp" && "$stamp" -nt pyproject.toml ]] &&
+  [[ "$done_as" == "cuda=$SEEDVL_BUILD_CUDA" || ("$SEEDVL_BUILD_CUDA" == OFF && "$done_as" == cuda=*) ]] &&
+  "$py" -c "import torch, seedvl_kernels" 2>/dev/null; then
   exit 0
 fi
 
@@ -32,5 +41,5 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$py" -m pip install -q -e ".[dev]"
-touch "$stamp"
+echo "cuda=$SEEDVL_BUILD_CUDA" > "$stamp"
 echo "setup: done ($("$py" -c 'import sys, torch; print(sys.prefix, "torch", torch.__version__)'))"
