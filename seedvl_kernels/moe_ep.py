@@ -239,9 +239,9 @@ def ep_dispatch(
     splits = splits.tolist()  # the host sync: all_to_all_single needs host split sizes
     send_splits, recv_splits = splits[:world], splits[world:]
 
-    x_recv = _AllToAll.apply(x_perm, send_splits, recv_splits, group)
+    x_recv = exchange_rows(x_perm, send_splits, recv_splits, group)
     gather, dest = _reorder_index(recv_counts, x_recv.shape[0])
-    x_local = _RowGather.apply(x_recv, gather, dest)
+    x_local = gather_rows(x_recv, gather, dest)
     offsets_local = torch.zeros(local_experts + 1, dtype=torch.int32, device=x.device)
     torch.cumsum(recv_counts.sum(0), 0, out=offsets_local[1:])
     state = EPState(group, send_splits, recv_splits, gather, dest, row_map, gate_weights, recv_counts)
@@ -268,8 +268,8 @@ def ep_combine(y: torch.Tensor, state: EPState) -> torch.Tensor:
     _validate.ndim("y", y, 2, "(R, D)")
     _validate.dtype("y", y, DTYPES)
     _validate.dim_size("y", y, 0, state.dest.numel(), "R, the rows of ep_dispatch's x_local")
-    y_recv = _RowGather.apply(y, state.dest, state.gather)
-    y_perm = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, state.group)
+    y_recv = gather_rows(y, state.dest, state.gather)
+    y_perm = exchange_rows(y_recv, state.recv_splits, state.send_splits, state.group)
     return moe_unpermute(y_perm, state.row_map, state.gate_weights)
 
 

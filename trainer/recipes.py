@@ -202,16 +202,18 @@ def scale_to(stages: tuple[Stage, ...], cfg: VLMConfig) -> tuple[Stage, ...]:
     seq_mult = min(1.0, cfg.llm.hidden / REFERENCE_SEQ_HIDDEN)
     small = seq_mult < 1
     accum = SMALL_ACCUM if small else 1
-    out = [
-        replace(
-            s,
-            lr_max=s.lr_max * lr_mult * (s.small_lr_scale if small else 1.0),
-            lr_min=s.lr_min * lr_mult * (s.small_lr_scale if small else 1.0),
-            seq_len=max(256, round(s.seq_len * seq_mult / accum)),
-            accum=s.accum * accum,
+    out = []
+    for s in stages:
+        lr = lr_mult * (s.small_lr_scale if small else 1.0)
+        out.append(
+            replace(
+                s,
+                lr_max=s.lr_max * lr,
+                lr_min=s.lr_min * lr,
+                seq_len=max(256, round(s.seq_len * seq_mult / accum)),
+                accum=s.accum * accum,
+            )
         )
-        for s in stages
-    ]
     return tuple(out)
 
 
