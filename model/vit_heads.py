@@ -13,8 +13,13 @@
   row is 1D RoPE on half of each head.
 - :func:`embedding_norm`: batch normalisation (no affine) of each tower's embeddings before the
   losses (why: its docstring); images, videos and their captions keep separate statistics.
-- :class:`SeedViTPretrain`: SeedViT plus these heads, a SuperClass classifier (the image embedding
-  -> one logit per subword of the caption vocabulary) and the SigLIP temperature and bias.
+- :class:`SigLIPHead`: the sigmoid loss's temperature and bias, and the pairwise logits they give.
+- :class:`SeedViTPretrain`: SeedViT plus these heads and a SuperClass classifier (the image
+  embedding -> one logit per subword of the caption vocabulary).
+
+Every parameter lives in a submodule that a step calls (none on :class:`SeedViTPretrain` itself),
+so that each can be its own FSDP2 unit: the trainer calls the towers and heads one by one, and a
+unit's parameters are gathered when its own forward runs.
 
 Shape legend:
     T   patches in the packed batch; B images (or videos); C ViT width; E embedding width
@@ -24,6 +29,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -116,8 +122,8 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(inner, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
-        self.out = nn.Linear(cfg.width, out_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width, bias=False)  # see embedding_norm
+        self.out = nn.Linear(cfg.width, out_dim, bias=False)
         for linear in (self.kv, self.proj, self.fc1, self.fc2, self.out):
             init_linear(linear)
 
@@ -143,8 +149,8 @@ class TextEncoder(nn.Module):
         self.embed = nn.Embedding(vocab, cfg.width)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.out = nn.Linear(cfg.width, out_dim)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=False)  # see embedding_norm
+        self.out = nn.Linear(cfg.width, out_dim, bias=False)
         init_linear(self.out)
 
     def forward(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -179,12 +185,39 @@ def embedding_norm(dim: int) -> nn.BatchNorm1d:
     both towers onto one direction within ten steps, where its gradient vanishes (the loss stays
     at the trivial ln N + 1, zero-shot at chance); centred and scaled per batch, the embeddings
     start spread out and the same 16 pairs are matched in 20 steps. Under data parallelism the
-    statistics are each rank's own batch's."""
+    statistics are the global batch's (the rows are gathered first: ``gather`` of
+    :meth:`SeedViTPretrain.encode_images`), so every rank keeps the same running statistics.
+
+    A bias whose only effect is a constant shift of the normalised rows (the pooling head's last
+    residual branch and output, the text encoder's final norm and output) would have a gradient of
+    exactly zero, and AdamW turned its rounding noise into full learning-rate steps (measured: the
+    one-process and two-rank runs of the same batches drifted apart by 1e-3 in those biases and 2e-5
+    in the loss after one step), so those layers have none."""
     return nn.BatchNorm1d(dim, affine=False)
 
 
+class SigLIPHead(nn.Module):
+    """SigLIP's temperature t and bias b (Zhai et al. 2023 initialise them to log 10 and -10):
+    ``forward(image, text)`` gives the logits exp(t) cos(x_i, y_j) + b of every pair. Both are
+    one-element vectors rather than scalars, which FSDP2 cannot shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([math.log(10.0)]))
+        self.bias = nn.Parameter(torch.tensor([-10.0]))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(N, E) image and (M, E) text embeddings -> (N, M) fp32 logits."""
+        if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
+            raise ValueError(
+                f"image, text: expected (N, E) and (M, E), got {tuple(image.shape)}, {tuple(text.shape)}"
+            )
+        x, y = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        return self.scale.float().exp() * (x @ y.t()) + self.bias.float()
+
+
 class SeedViTPretrain(nn.Module):
-    """SeedViT + MIM decoder + attention pooling + text encoder + SuperClass head + SigLIP scale/bias."""
+    """SeedViT + MIM decoder + attention pooling + text encoder + SuperClass head + SigLIP head."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
@@ -205,9 +238,7 @@ class SeedViTPretrain(nn.Module):
         self.text_norm, self.video_text_norm = embedding_norm(cfg.embed), embedding_norm(cfg.embed)
         self.superclass = nn.Linear(cfg.embed, cfg.text_vocab)
         init_linear(self.superclass)
-        # SigLIP's initialisation: t = exp(log 10), b = -10 (Zhai et al. 2023).
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.siglip = SigLIPHead()
 
     def encode_images(
         self,
@@ -219,21 +250,43 @@ class SeedViTPretrain(nn.Module):
         frame_times: torch.Tensor | None = None,
         cu_videos: torch.Tensor | None = None,
         max_video: int = 0,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, E) one embedding per image; with ``frame_times`` (T,) and ``cu_videos`` (V+1,) the
-        patches of consecutive frames pool together into one embedding per video, (V, E)."""
+        patches of consecutive frames pool together into one embedding per video, (V, E).
+        ``gather``: applied to the pooled rows before the batch normalisation; under data
+        parallelism it collects every rank's rows (trainer.vit_pretrain.losses.gather_embeddings),
+        so that the statistics, and the rows returned, are the global batch's."""
         x = self.vit(patches, pos_hw, cu_seqlens, max_seqlen)
         if frame_times is None:
-            return self.image_norm(self.pool(x, cu_seqlens, max_seqlen))
-        x = x + self.time(time_features(frame_times)).to(x.dtype)
-        return self.video_norm(self.pool(x, cu_videos, max_video))
+            pooled, norm = self.pool(x, cu_seqlens, max_seqlen), self.image_norm
+        else:
+            x = x + self.time(time_features(frame_times)).to(x.dtype)
+            pooled, norm = self.pool(x, cu_videos, max_video), self.video_norm
+        return norm(pooled if gather is None else gather(pooled))
 
     def encode_text(
-        self, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *, video: bool = False
+        self,
+        ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        *,
+        video: bool = False,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(N, E) one embedding per caption; ``video``: captions of clips (their own statistics)."""
+        """(N, E) one embedding per caption; ``video``: captions of clips (their own statistics);
+        ``gather`` as for :meth:`encode_images`."""
         norm = self.video_text_norm if video else self.text_norm
-        return norm(self.text(ids, cu_seqlens, max_seqlen))
+        x = self.text(ids, cu_seqlens, max_seqlen)
+        return norm(x if gather is None else gather(x))
 
 
-__all__ = ["AttentionPool", "MIMDecoder", "PretrainConfig", "SeedViTPretrain", "TextEncoder", "time_features"]
+__all__ = [
+    "AttentionPool",
+    "MIMDecoder",
+    "PretrainConfig",
+    "SeedViTPretrain",
+    "SigLIPHead",
+    "TextEncoder",
+    "time_features",
+]

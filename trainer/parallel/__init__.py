@@ -34,7 +34,7 @@ from .activation_checkpoint import apply_activation_checkpointing, apply_compile
 from .context_parallel import apply_context_parallel, shard_batch
 from .dims import LayoutError, Meshes, ParallelDims, init_distributed, launched_by_torchrun
 from .expert_parallel import apply_expert_parallel
-from .fsdp import apply_fsdp, mixed_precision, refresh_trainable
+from .fsdp import apply_fsdp, mixed_precision, refresh_trainable, shard_units
 from .grad_norm import clip_grad_norm_
 from .pipeline import LLMStage, Pipeline, PipelinePlan, plan_pipeline
 from .pipeline import apply_fsdp as apply_pipeline_fsdp
@@ -88,5 +88,6 @@ __all__ = [
     "plan_pipeline",
     "refresh_trainable",
     "shard_batch",
+    "shard_units",
     "unwrap",
 ]

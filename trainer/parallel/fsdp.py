@@ -16,12 +16,21 @@ Gradients are summed, not averaged: the loss is already normalised by the step's
 count, so the sum over ranks is the gradient of the whole step. Mixed precision: with
 ``param_dtype=bf16`` the all-gathered weights and the activations are bf16 while the sharded
 master weights, the optimizer states and the gradient reduction stay fp32.
+
+ViT pre-training (trainer.vit_pretrain.loop) shards its model with :func:`shard_units`: each ViT
+block, the ViT, and each head (MIM decoder, attention pool, text encoder, SuperClass, SigLIP) is a
+unit of its own, with no root, since a step calls them one by one rather than through one forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from model.vlm import SeedVLM
 
@@ -45,6 +54,26 @@ def apply_fsdp(model: SeedVLM, meshes: Meshes, mp_policy: MixedPrecisionPolicy) 
             fully_shard(layer.ffn.experts, mesh=meshes.experts["edp"], mp_policy=mp_policy)
         fully_shard(layer, mesh=world, mp_policy=mp_policy)
     fully_shard(model, mesh=world, mp_policy=mp_policy)
+    sum_gradients(model)
+
+
+def shard_units(
+    model: nn.Module, units: Iterable[nn.Module], mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy
+) -> None:
+    """``fully_shard`` each of ``units``, innermost first, over ``mesh``, then :func:`sum_gradients`.
+    For a model without a root unit, whose parts run one by one (ViT pre-training): every
+    parameter must then sit in one of the units."""
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp_policy)
+    loose = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if loose:
+        raise ValueError(f"units: parameters outside every unit: {', '.join(loose)}")
+    sum_gradients(model)
+
+
+def sum_gradients(model: nn.Module) -> None:
+    """Every FSDP unit of ``model`` sums its gradients over its ranks (the losses are normalised by
+    global counts), with ranks that left a parameter unused still joining the reduce-scatter."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
@@ -73,6 +73,7 @@ from seedvl_kernels.moe_ep import exchange_rows
 from ..balance import lpt
 from ..data.packer import IGNORE_INDEX, PackedBatch
 from .dims import LayoutError, Meshes
+from .fsdp import sum_gradients
 
 SCHEDULES = {
     "interleaved1f1b": ScheduleInterleaved1F1B,
@@ -291,11 +292,8 @@ def apply_fsdp(
                 fully_shard(_unwrap(layer).ffn.experts, mesh=meshes.experts["edp"], mp_policy=mp_policy)
             fully_shard(layer, mesh=meshes.stage, mp_policy=mp_policy)
         fully_shard(stage, mesh=meshes.stage, mp_policy=mp_policy)
-    for module in [*model.modules(), *(m for s in stages for m in s.modules())]:
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-            module.set_reduce_scatter_unused_params(True)
+    for module in (model, *stages):
+        sum_gradients(module)
 
 
 # ----------------------------------------------------------------------------- one step

@@ -36,8 +36,10 @@ step) and a resumed run repeats it.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -221,6 +223,33 @@ def draw_within(lengths: np.ndarray, rng: np.random.Generator, budget: int) -> l
     return picked
 
 
+def shard_bounds(lengths: Sequence[int], world: int) -> list[tuple[int, int]]:
+    """A step's items (images or clips, with ``lengths`` patches each, in batch order) cut into
+    ``world`` contiguous shares, rank by rank: (start, stop) each. Each cut falls where the running
+    patch count is nearest k/world of the total, and every rank gets at least one item (ValueError
+    when there are fewer items than ranks). Contiguous shares keep the batch order when the ranks'
+    embeddings are gathered rank by rank."""
+    n = len(lengths)
+    if world < 1:
+        raise ValueError(f"world: expected >= 1 ranks, got {world}")
+    if n < world:
+        raise ValueError(
+            f"a step of {n} items for {world} ranks: every rank needs one; raise the stage's seq_len "
+            "(--set STAGE.seq_len=N) or use fewer ranks"
+        )
+    cum = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    total = int(cum[-1]) if n else 0
+    cuts = [0]
+    for k in range(1, world):
+        target = total * k / world
+        i = int(np.searchsorted(cum, target))  # the first item whose running count reaches target
+        before = int(cum[i - 1]) if i > 0 else 0
+        cut = i + 1 if i < n and cum[i] - target <= target - before else i
+        cuts.append(min(max(cut, cuts[-1] + 1), n - (world - k)))
+    cuts.append(n)
+    return list(itertools.pairwise(cuts))
+
+
 def _patchify(pixels: np.ndarray, max_pixels: int | None) -> ImagePatches:
     return patchify(pixels) if max_pixels is None else patchify(pixels, max_pixels=max_pixels)
 
@@ -339,4 +368,5 @@ __all__ = [
     "pack_text",
     "pack_videos",
     "scene_caption",
+    "shard_bounds",
 ]

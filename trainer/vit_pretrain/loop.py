@@ -1,18 +1,28 @@
 """The ViT pre-training loop, and the ``full`` recipe (ViT pre-training, then the VLM stages).
 
-Stages (trainer.recipes: ``vit_mim``, ``vit_contrastive``, ``vit_video``), in one process:
+Stages (trainer.recipes: ``vit_mim``, ``vit_contrastive``, ``vit_video``):
 
 - ``vit_mim``: the ViT and the MIM decoder train; a step is ``seq_len`` patches of images, 75% of
   each image's patches masked (losses.mask_packed), cosine loss to the targets at the masked places.
 - ``vit_contrastive``: the ViT, the attention-pooling head, the text encoder, the SuperClass head
-  and the SigLIP scale and bias train; a step is ``seq_len`` patches of images, each with a caption
-  drawn for it; loss = SigLIP + SuperClass (weight ``SUPERCLASS_WEIGHT``).
+  and the SigLIP head (temperature and bias) train; a step is ``seq_len`` patches of images, each
+  with a caption drawn for it; loss = SigLIP + SuperClass (weight ``SUPERCLASS_WEIGHT``).
 - ``vit_video``: as the contrastive stage, over clips: every frame is one ViT sequence, the patches
   of a clip's frames, each with its timestamp's embedding added, pool into one video embedding.
 
 The batch is the step's images (or clips) and their captions; every other caption of the step is
-a negative (losses docstring; under data parallelism :func:`losses.gather_embeddings` would widen
-it to the global batch -- this loop runs in one process, and refuses torchrun).
+a negative (losses docstring).
+
+Data parallelism: under ``torchrun --nproc-per-node=W trainer/run.py --recipe vit`` the stages run
+over W ranks (``--parallel dp=W``, the default; cp, ep and pp split the LLM and do not apply). A
+step's global batch is the single process's: every rank draws the same images and captions, takes
+its contiguous share (:func:`data.shard_bounds`), and the embeddings are gathered before their
+batch normalisation, so every image meets every caption of the global batch; MIM's mask is drawn
+for the global batch and each rank keeps its images' part. Each tower and head is an FSDP2 unit
+over the ranks (ZeRO-3; every ViT block its own), gradients are summed (the losses are normalised
+by global counts), and the run matches the single process up to the order of floating-point sums
+(tests/test_trainer_vit_pretrain.py). Rank 0 logs, evaluates on a gathered copy of the weights and
+writes the summary and the ViT.
 
 Learning rates scale with the ViT width (:func:`scale_vit_stages`). Each stage starts a fresh
 AdamW. Checkpoints (trainer.checkpoint) hold the model with its heads, the optimizer and the
@@ -35,21 +45,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 
 from model.config import ViTConfig, VLMConfig, get_preset
 from model.preprocess import pack_images
 from model.vit_heads import PretrainConfig, SeedViTPretrain
 
-from .. import logs
+from .. import logs, parallel
 from ..checkpoint import Checkpointer
 from ..components import _device, param_groups, prepare_out_dir, stage_scheduler
 from ..config import RunConfig, SetupError, as_dict, validate
 from ..gallery import write_gallery
 from ..recipes import Stage, apply_overrides, get_recipe, with_steps
 from . import zeroshot
-from .data import CaptionTokenizer, ImageBank, VideoBank, pack_text, pack_videos
+from .data import CaptionTokenizer, ImageBank, VideoBank, pack_text, pack_videos, shard_bounds
 from .export import save_pretrained_vit
-from .losses import idf_weights, mask_packed, mim_loss, same_caption, siglip_loss, superclass_loss
+from .losses import (
+    gather_embeddings,
+    idf_weights,
+    mask_packed,
+    mim_loss,
+    same_caption,
+    siglip_loss,
+    superclass_loss,
+)
 from .teacher import HOGTargets, load_targets
 
 log = logging.getLogger("trainer")
@@ -68,8 +91,8 @@ IDF_CAPTIONS = 4096  # captions whose document frequencies give SuperClass's idf
 ZERO_SHOT_PER_CLASS = 50
 TRAINS = {  # which parts of SeedViTPretrain each kind of stage trains
     "vit_mim": ("vit", "mim"),
-    "vit_contrastive": ("vit", "pool", "text", "superclass", "logit_scale", "logit_bias"),
-    "vit_video": ("vit", "pool", "time", "text", "superclass", "logit_scale", "logit_bias"),
+    "vit_contrastive": ("vit", "pool", "text", "superclass", "siglip"),
+    "vit_video": ("vit", "pool", "time", "text", "superclass", "siglip"),
 }
 VIDEO_IMAGE_SHARE = 0.5  # of vit_video's patch budget spent on image-text pairs (see _step)
 
@@ -103,17 +126,44 @@ class ViTRun:
 
     def __init__(self, cfg: RunConfig) -> None:
         validate(cfg)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SetupError("ViT pre-training runs in one process; launch it without torchrun")
+        self.distributed = parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+        world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+        try:
+            dims = parallel.ParallelDims.parse(cfg.parallel)
+        except parallel.LayoutError as err:
+            raise SetupError(str(err)) from err
+        if dims.pp > 1 or dims.cp > 1 or dims.ep > 1:
+            raise SetupError(
+                f"--parallel {cfg.parallel}: ViT pre-training is data parallel only (--parallel dp={world}, "
+                "or leave it out); cp, ep and pp split the LLM, which these stages do not train"
+            )
+        if dims.enabled and not self.distributed:
+            raise SetupError(
+                f"--parallel {cfg.parallel} needs {dims.world_size} processes: launch with "
+                f"torchrun --nproc-per-node={dims.world_size} trainer/run.py ..."
+            )
+        if cfg.parallel is not None and dims.dp != world:
+            raise SetupError(
+                f"--parallel {cfg.parallel}: dp = {dims.dp} must equal the number of processes, {world}"
+            )
         if cfg.data.partition(":")[0] == "vst":
             raise SetupError(
                 f"--data {cfg.data}: ViT pre-training reads captioned images from 'spatial' or a JSONL "
                 "manifest; VST data are question-answer conversations for the VLM stages"
             )
         self.cfg = cfg
-        self.out = prepare_out_dir(cfg)
-        logs.setup_logging(self.out)
-        self.device = _device(cfg.device)
+        self.device = _device(cfg.device, int(os.environ["LOCAL_RANK"]) if self.distributed else None)
+        self.rank, self.world = 0, world
+        if self.distributed:
+            if not dist.is_initialized():  # (a caller may have joined it already)
+                parallel.init_distributed(self.device, cfg.pg_timeout)
+            self.rank = dist.get_rank()
+        self.out = prepare_out_dir(cfg, write=False)
+        if self.distributed:
+            dist.barrier()  # every rank has checked the directory before rank 0 changes it
+        if self.rank == 0:
+            prepare_out_dir(cfg)
+            logs.setup_logging(self.out)
         try:
             self.vit_cfg = vit_config_of(cfg.preset)
             stages = get_recipe(cfg.recipe)
@@ -129,9 +179,15 @@ class ViTRun:
         torch.manual_seed(cfg.seed)
         self.tok = CaptionTokenizer()
         target_dim = self.targets.feature_dim if self.targets is not None else 108
+        # Every rank builds the same model (same seed); sharding then keeps each rank's part.
         self.model = SeedViTPretrain(PretrainConfig(self.vit_cfg, self.tok.vocab_size, target_dim)).to(
             self.device
         )
+        if self.distributed:
+            m = self.model
+            units = [*m.vit.blocks, m.vit, m.mim, m.pool, m.time, m.text, m.superclass, m.siglip]
+            mesh = init_device_mesh(self.device.type, (world,), mesh_dim_names=("dp",))
+            parallel.shard_units(m, units, mesh, MixedPrecisionPolicy())
         t0 = time.time()
         if cfg.data.partition(":")[0] == "spatial":  # its question options do not apply here
             self.images = ImageBank.scenes(cfg.seed, IMAGE_BANK, max_pixels=cfg.max_pixels)
@@ -139,8 +195,10 @@ class ViTRun:
             self.images = ImageBank.manifest(cfg.data, cfg.max_pixels)
         video = "vit_video" in self._names
         self.videos = VideoBank.clips(cfg.seed, VIDEO_BANK) if video else None
-        self.sets = (
-            zeroshot.build_sets(cfg.seed, ZERO_SHOT_PER_CLASS, video=video) if cfg.eval_samples else {}
+        self.sets = (  # evaluated on rank 0 alone
+            zeroshot.build_sets(cfg.seed, ZERO_SHOT_PER_CLASS, video=video)
+            if cfg.eval_samples and self.rank == 0
+            else {}
         )
         rng = np.random.default_rng([cfg.seed, 3001])
         draws = rng.integers(len(self.images.items), size=IDF_CAPTIONS)
@@ -203,26 +261,44 @@ class ViTRun:
 
     # ------------------------------------------------------------------ steps
 
-    def _step(self, stage: Stage) -> dict:
+    def _share(self, lengths: list[int]) -> tuple[int, int]:
+        """This rank's contiguous share (start, stop) of a step's items."""
+        try:
+            return shard_bounds(lengths, self.world)[self.rank]
+        except ValueError as err:
+            raise SetupError(f"step {self.state['global_step'] + 1}: {err}") from err
+
+    def forward(self, stage: Stage) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
+        """The loss of this step of ``stage`` (this rank's share), its parts, and the global batch's
+        patches and images (or clips). The batch is a function of (seed, stage, step)."""
         rng = np.random.default_rng([self.cfg.seed, self.state["stage_index"], self.state["stage_step"]])
         dev = self.device
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         if stage.name == "vit_mim":
             idx = self.images.draw(rng, stage.seq_len)
-            packed = pack_images([self.images.items[i].patches for i in idx])
-            target = self._mim_targets(idx, packed).to(dev)
+            lengths = [int(self.images.lengths[i]) for i in idx]
+            cu_all = torch.zeros(len(idx) + 1, dtype=torch.int32)
+            cu_all[1:] = torch.tensor(lengths).cumsum(0)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            keep, masked, cu_keep, max_keep = mask_packed(packed.cu_seqlens, MASK_RATIO, gen)
+            # The mask is the global batch's, drawn alike on every rank; each keeps its images' part.
+            keep_all, masked_all, cu_keep_all, _ = mask_packed(cu_all, MASK_RATIO, gen)
+            a, b = self._share(lengths)
+            lo, hi = int(cu_all[a]), int(cu_all[b])
+            keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
+            masked = masked_all[(masked_all >= lo) & (masked_all < hi)] - lo
+            cu_keep = cu_keep_all[a : b + 1] - cu_keep_all[a]
+            packed = pack_images([self.images.items[i].patches for i in idx[a:b]])
+            target = self._mim_targets(idx[a:b], packed).to(dev)
             patches, pos, cu = packed.patches.to(dev), packed.pos_hw.to(dev), packed.cu_seqlens.to(dev)
             keep = keep.to(dev)
-            enc = self.model.vit(patches[keep], pos[keep], cu_keep.to(dev), max_keep)
+            enc = self.model.vit(patches[keep], pos[keep], cu_keep.to(dev), int(cu_keep.diff().max()))
             pred = self.model.mim(enc, keep, pos, cu, packed.max_seqlen)
-            loss = mim_loss(pred, target, masked.to(dev))
-            tokens, count = packed.patches.shape[0], len(idx)
+            loss = mim_loss(pred, target, masked.to(dev), total=masked_all.numel())
+            tokens, count = int(cu_all[-1]), len(idx)
         elif stage.name == "vit_contrastive":
             sig, sc, tokens, count = self._pairs(rng, stage.seq_len, video=False)
             loss = sig + SUPERCLASS_WEIGHT * sc
-            parts = {"siglip": sig.item(), "superclass": sc.item()}
+            parts = {"siglip": sig, "superclass": sc}
         else:
             # Clips, and image-text pairs beside them, so that the image side keeps its alignment
             # (the paper's stage has many more image-text pairs before it than this short run).
@@ -231,17 +307,28 @@ class ViTRun:
             isig, isc, itokens, _ = self._pairs(rng, image_budget, video=False)
             loss = sig + SUPERCLASS_WEIGHT * sc + isig + SUPERCLASS_WEIGHT * isc
             tokens += itokens
-            parts = {"siglip": sig.item(), "superclass": sc.item(), "image_siglip": isig.item()}
-        if stage.name != "vit_mim":
-            parts["logit_scale"] = self.model.logit_scale.exp().item()
+            parts = {"siglip": sig, "superclass": sc, "image_siglip": isig}
+        return loss, parts, tokens, count
+
+    def _step(self, stage: Stage) -> dict:
+        loss, parts, tokens, count = self.forward(stage)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+        grad_norm = parallel.clip_grad_norm_(params, stage.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        value = loss.item()
+        # Each rank's losses are its share of the batch's; their sum over the ranks is the batch's.
+        values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float()
+        if self.distributed:
+            dist.all_reduce(values)
+        value, *rest = values.tolist()
+        logged = dict(zip(parts, rest, strict=True))
+        if stage.name != "vit_mim":
+            scale = self.model.siglip.scale.detach()
+            scale = scale.full_tensor() if isinstance(scale, DTensor) else scale
+            logged["logit_scale"] = float(scale.exp())
         if not math.isfinite(value):
             raise FloatingPointError(f"step {self.state['global_step'] + 1} ({stage.name}): loss is {value}")
         self.state["global_step"] += 1
@@ -250,7 +337,7 @@ class ViTRun:
         return {
             "step": self.state["global_step"], "stage": stage.name, "stage_step": self.state["stage_step"],
             "loss": value, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "images": count,
-            **parts,
+            **logged,
         }  # fmt: skip
 
     def _mim_targets(self, idx: list[int], packed) -> torch.Tensor:
@@ -264,34 +351,62 @@ class ViTRun:
 
     def _pairs(self, rng: np.random.Generator, budget: int, *, video: bool):
         """(SigLIP loss, SuperClass loss, patches, pairs) of a batch of image- or clip-text pairs
-        within ``budget`` patches."""
+        within ``budget`` patches: this rank's share of the losses (module docstring), and the
+        global batch's patches and pairs."""
         dev = self.device
         bank = self.videos if video else self.images
         idx = bank.draw(rng, budget)
         captions = [bank.caption(i, rng) for i in idx]
+        a, b = self._share([int(bank.lengths[i]) for i in idx])
+        gather = gather_embeddings if self.distributed else None
         if video:
-            vb = pack_videos([self.videos.items[i] for i in idx])
+            vb = pack_videos([self.videos.items[i] for i in idx[a:b]])
             f = vb.frames
             x = self.model.encode_images(
                 f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen,
                 frame_times=vb.frame_times.to(dev), cu_videos=vb.cu_videos.to(dev), max_video=vb.max_video,
+                gather=gather,
             )  # fmt: skip
         else:
-            f = pack_images([self.images.items[i].patches for i in idx])
+            f = pack_images([self.images.items[i].patches for i in idx[a:b]])
             x = self.model.encode_images(
-                f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen
+                f.patches.to(dev), f.pos_hw.to(dev), f.cu_seqlens.to(dev), f.max_seqlen, gather=gather
             )
-        text = pack_text(captions, self.tok)
-        t = self.model.encode_text(text.ids.to(dev), text.cu_seqlens.to(dev), text.max_seqlen, video=video)
-        positives = same_caption(captions).to(dev)
-        sig = siglip_loss(x, t, self.model.logit_scale, self.model.logit_bias, positives)
-        sc = superclass_loss(self.model.superclass(x), text.bags.to(dev), self.idf.to(dev))
-        return sig, sc, f.patches.shape[0], len(idx)
+        text = pack_text(captions[a:b], self.tok)
+        t = self.model.encode_text(
+            text.ids.to(dev), text.cu_seqlens.to(dev), text.max_seqlen, video=video, gather=gather
+        )
+        # x and t hold the global batch's rows; this rank scores its own images against every caption.
+        positives = same_caption(captions)[a:b].to(dev)
+        sig = siglip_loss(self.model.siglip(x[a:b], t), positives, n=len(idx))
+        sc = superclass_loss(self.model.superclass(x[a:b]), text.bags.to(dev), self.idf.to(dev), n=len(idx))
+        return sig, sc, int(bank.lengths[idx].sum()), len(idx)
 
-    def _evaluate(self, runlog: logs.RunLog) -> tuple[dict, list] | None:
-        if not self.sets:
+    def _plain_model(self) -> SeedViTPretrain | None:
+        """The model to evaluate and export on rank 0: itself in one process; under torchrun a plain
+        copy of the full weights, gathered from every rank's shards (a collective: every rank
+        calls it), so rank 0 evaluates alone. None on the other ranks."""
+        if not self.distributed:
+            return self.model
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=options)
+        if self.rank != 0:
             return None
-        scores, records = zeroshot.evaluate(self.model, self.sets, self.tok, self.device)
+        model = SeedViTPretrain(self.model.cfg)
+        model.load_state_dict(full)
+        return model.to(self.device)
+
+    def _evaluate(self, runlog: logs.RunLog | logs.NullRunLog):
+        """Zero-shot scores on rank 0 (every rank must call it: the weights are gathered first)."""
+        if self.cfg.eval_samples:
+            self._score(runlog, self._plain_model())
+
+    def _score(self, runlog: logs.RunLog | logs.NullRunLog, model: SeedViTPretrain | None):
+        """Zero-shot scores of ``model`` (:meth:`_plain_model`'s), logged; None on ranks other than
+        0 and without held-out sets."""
+        if model is None or not self.sets:
+            return None
+        scores, records = zeroshot.evaluate(model, self.sets, self.tok, self.device)
         scalars = {f"eval/zero_shot/{k}": v["accuracy"] for k, v in scores.items()}
         runlog.eval(self.state["global_step"], None, scores, scalars)
         log.info(
@@ -311,13 +426,17 @@ class ViTRun:
                       for s in self.stages),
             getattr(self.targets, "name", "-"), self.out,
         )  # fmt: skip
-        (self.out / "config.toml").write_text(_dump(cfg))
-        runlog = logs.RunLog(
-            self.out, sum(s.steps for s in self.stages), state["global_step"],
-            progress=cfg.progress, tensorboard=cfg.tensorboard,
-        )  # fmt: skip
+        if self.distributed:
+            log.info("data parallel over %d ranks (FSDP2 units: each ViT block, tower and head)", self.world)
+        runlog: logs.RunLog | logs.NullRunLog = logs.NullRunLog()
+        if self.rank == 0:
+            (self.out / "config.toml").write_text(_dump(cfg))
+            runlog = logs.RunLog(
+                self.out, sum(s.steps for s in self.stages), state["global_step"],
+                progress=cfg.progress, tensorboard=cfg.tensorboard,
+            )  # fmt: skip
         t_start = time.time()
-        final = None
+        final, plain = None, None
         try:
             resumed = self.optimizer is not None
             for index in range(state["stage_index"], len(self.stages)):
@@ -341,12 +460,16 @@ class ViTRun:
                     ):
                         self._evaluate(runlog)
                 runlog.event("stage_end", stage=stage.name, step=state["global_step"])
-            final = self._evaluate(runlog)
+            plain = self._plain_model()
+            final = self._score(runlog, plain)
         finally:
             runlog.close()
-        return self._finish(time.time() - t_start, final)
+        return self._finish(time.time() - t_start, final, plain)
 
-    def _finish(self, wall_s: float, final: tuple[dict, list] | None) -> dict:
+    def _finish(self, wall_s: float, final: tuple[dict, list] | None, model: SeedViTPretrain | None) -> dict:
+        """Summary, plot, gallery and the ViT, written by rank 0 (the others return {})."""
+        if self.rank != 0:
+            return {}
         records = logs.read_steps(self.out / "log.jsonl")
         latest = self.ckpt.latest()
         summary = {
@@ -370,11 +493,18 @@ class ViTRun:
             summary["gallery"] = str(write_gallery(eval_records, self.out / "eval_gallery.png", title=title))
         summary["seedvit"] = str(
             save_pretrained_vit(
-                self.model.vit, self.out, recipe=self.cfg.recipe, zero_shot=summary.get("zero_shot")
+                model.vit, self.out, recipe=self.cfg.recipe, zero_shot=summary.get("zero_shot")
             )
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
+
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group; after a finished run, together (rank 0 may still be writing)."""
+        if self.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _dump(cfg: RunConfig) -> str:
@@ -398,6 +528,20 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return vit, vlm
 
 
+def _train_vit(cfg: RunConfig) -> dict:
+    """Set up and run the ViT stages; under torchrun the process group is left afterwards (a
+    ``full`` recipe's VLM run joins its own)."""
+    run, finished = None, False
+    try:
+        run = ViTRun(cfg)
+        summary = run.train()
+        finished = True
+        return summary
+    finally:
+        if run is not None:
+            run.close(finished)
+
+
 def train_recipe(cfg: RunConfig, train_vlm) -> dict:
     """Run ``cfg.recipe`` when it holds ViT stages: only those (``--recipe vit``), or those and then
     the VLM stages through ``train_vlm`` from the pre-trained ViT (``--recipe full``: the ViT run
@@ -414,19 +558,20 @@ def train_recipe(cfg: RunConfig, train_vlm) -> dict:
             f"recipe {cfg.recipe!r}: the ViT stages ({', '.join(vit)}) must come before the VLM stages"
         )
     if not rest:
-        return ViTRun(cfg).train()
+        return _train_vit(cfg)
     if cfg.vit_init is not None:
         raise SetupError(f"--vit-init with recipe {cfg.recipe!r}: the recipe pre-trains its own ViT")
     out = cfg.out if cfg.out is not None else Path("runs") / f"{cfg.recipe.replace(',', '+')}-{cfg.preset}"
     vit_overrides, vlm_overrides = _split_overrides(cfg.overrides)
+    # The ViT stages are data parallel over every rank whatever --parallel gives the VLM stages.
     vit_cfg = replace(cfg, recipe=",".join(vit), out=out / "vit_pretrain", steps=None, tokens=None,
-                      overrides=vit_overrides)  # fmt: skip
+                      overrides=vit_overrides, parallel=None)  # fmt: skip
     done = out / "vit_pretrain" / "summary.json"
     if cfg.resume and done.is_file():
         vit_summary = json.loads(done.read_text())
         log.info("ViT pre-training already done in %s", vit_cfg.out)
     else:
-        vit_summary = ViTRun(vit_cfg).train()
+        vit_summary = _train_vit(vit_cfg)
     vlm_cfg = replace(cfg, recipe=",".join(rest), out=out, overrides=vlm_overrides, vit_init=vit_cfg.out)
     summary = train_vlm(vlm_cfg)
     if summary:

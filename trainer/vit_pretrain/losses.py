@@ -10,7 +10,7 @@ MIM (stage ``vit_mim``):
   the cosine loss used for the teacher differs from it only by the prediction's scale.
 
 SigLIP (Zhai et al. 2023), image embeddings x_i and text embeddings y_j L2-normalised:
-    logits_ij = exp(t) x_i . y_j + b,   z_ij = +1 for a matching pair, else -1
+    logits_ij = exp(t) x_i . y_j + b   (model.vit_heads.SigLIPHead),   z_ij = +1 for a matching pair, else -1
     loss = -(1/N) sum_ij log sigmoid(z_ij logits_ij)          (N images in the global batch)
   The matching pairs are the diagonal and every pair whose captions are the same text (short
   captions such as "a cube" repeat within a batch; they are not negatives of each other).
@@ -19,15 +19,21 @@ SuperClass (Huang et al. 2024): the image embedding classifies its caption's bag
     w_c = idf_c * bag_ic / sum_c' (idf_c' * bag_ic'),   loss_i = -sum_c w_c log softmax(logits_i)_c
   averaged over images; idf_c = log(D / (1 + df_c)) from the caption bank's document frequencies.
 
-Batch and negatives under data parallelism: every rank embeds its own share of the step's images
-and captions, and :func:`gather_embeddings` all-gathers both (with gradients flowing back to the
-rank that made each row), so every image is scored against every caption of the global batch:
-N^2 pairs for N images over all ranks, whatever the layout. In one process it is the identity.
+Batch and negatives under data parallelism (``torchrun ... --recipe vit``): a step's global batch
+is the one a single process draws; each rank embeds a contiguous share of its images and their
+captions (trainer.vit_pretrain.data.shard_bounds), and :func:`gather_embeddings` all-gathers both
+towers' rows before their batch normalisation (with gradients flowing back to the rank that made
+each row). Every image is thus scored against every caption of the global batch, N^2 pairs for N
+images over all ranks, whatever the layout; each rank sums the loss terms of its own images (its
+rows against all captions; SuperClass and MIM likewise over its own images) divided by the global
+counts, so the ranks' gradients, summed by FSDP2's reduce-scatter, are the single process's. In one
+process :func:`gather_embeddings` is the identity.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -76,12 +82,16 @@ def mask_packed(
     )
 
 
-def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask_idx: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 - cos(pred, target) over the rows ``mask_idx``; 0 when nothing is masked."""
+def mim_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask_idx: torch.Tensor, total: int | None = None
+) -> torch.Tensor:
+    """Sum of 1 - cos(pred, target) over the rows ``mask_idx``, / ``total`` (default: their number,
+    the mean; a rank of a data-parallel batch passes the batch's masked count); 0 when nothing is
+    masked."""
     if mask_idx.numel() == 0:
         return pred.sum() * 0.0
     cos = F.cosine_similarity(pred[mask_idx].float(), target[mask_idx].float(), dim=-1, eps=1e-6)
-    return (1.0 - cos).mean()
+    return (1.0 - cos).sum() / max(mask_idx.numel() if total is None else total, 1)
 
 
 def hog(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tensor:
@@ -119,25 +129,23 @@ def hog(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tens
 
 
 def siglip_loss(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor,
-    positives: torch.Tensor | None = None,
+    logits: torch.Tensor, positives: torch.Tensor | None = None, n: int | None = None
 ) -> torch.Tensor:
-    """Sigmoid loss of (N, E) image and (N, E) text embeddings (normalised here); ``positives``
-    (N, N) bool marks the matching pairs (default: the diagonal). Sum over pairs / N."""
-    if image.shape != text.shape or image.ndim != 2:
-        raise ValueError(
-            f"image, text: expected equal (N, E) shapes, got {tuple(image.shape)}, {tuple(text.shape)}"
-        )
-    n = image.shape[0]
-    x, y = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    logits = logit_scale.float().exp() * x @ y.t() + logit_bias.float()
+    """Sigmoid loss of (R, M) pair logits (model.vit_heads.SigLIPHead: rows are images, columns
+    captions); ``positives`` (R, M) bool marks the matching pairs (default: the diagonal, R = M).
+    Sum over the pairs / ``n``, the images of the whole batch (default R): a rank that scores only
+    its own rows against every caption passes the global count, and the ranks' losses sum to the
+    batch's."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected (R, M), got {tuple(logits.shape)}")
     if positives is None:
-        positives = torch.eye(n, dtype=torch.bool, device=image.device)
+        if logits.shape[0] != logits.shape[1]:
+            raise ValueError(f"positives: needed for non-square logits {tuple(logits.shape)}")
+        positives = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if positives.shape != logits.shape:
+        raise ValueError(f"positives: expected {tuple(logits.shape)}, got {tuple(positives.shape)}")
     z = positives.float() * 2 - 1
-    return -F.logsigmoid(z * logits).sum() / max(n, 1)
+    return -F.logsigmoid(z * logits.float()).sum() / max(logits.shape[0] if n is None else n, 1)
 
 
 def same_caption(captions: list[str]) -> torch.Tensor:
@@ -147,10 +155,13 @@ def same_caption(captions: list[str]) -> torch.Tensor:
     return key[:, None] == key[None, :]
 
 
-def superclass_loss(logits: torch.Tensor, bags: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits against (N, V) multi-hot caption bags weighted by idf (V,): the mean over
-    captions of the cross-entropy to the normalised weighted bag. A caption whose ids all have
-    zero weight contributes nothing."""
+def superclass_loss(
+    logits: torch.Tensor, bags: torch.Tensor, idf: torch.Tensor, n: int | None = None
+) -> torch.Tensor:
+    """(N, V) logits against (N, V) multi-hot caption bags weighted by idf (V,): the sum over
+    captions of the cross-entropy to the normalised weighted bag, / ``n`` (default N: the mean;
+    a rank of a data-parallel batch passes the global count). A caption whose ids all have zero
+    weight contributes nothing."""
     if logits.shape != bags.shape or idf.shape != logits.shape[1:]:
         raise ValueError(
             f"logits, bags, idf: expected (N, V), (N, V), (V,), got {tuple(logits.shape)}, "
@@ -159,7 +170,7 @@ def superclass_loss(logits: torch.Tensor, bags: torch.Tensor, idf: torch.Tensor)
     w = bags.float() * idf.float()
     total = w.sum(1, keepdim=True)
     w = torch.where(total > 0, w / total.clamp(min=1e-12), 0.0)
-    return -(w * F.log_softmax(logits.float(), dim=-1)).sum(1).mean()
+    return -(w * F.log_softmax(logits.float(), dim=-1)).sum() / max(logits.shape[0] if n is None else n, 1)
 
 
 def idf_weights(bags: torch.Tensor) -> torch.Tensor:
@@ -179,7 +190,11 @@ def gather_embeddings(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     most = int(max(s.item() for s in sizes))
     padded = F.pad(x, (0, 0, 0, most - x.shape[0]))
-    parts = all_gather(padded)
+    with warnings.catch_warnings():
+        # torch 2.13 points to a private module instead; this public, differentiable all-gather
+        # (its backward sums each rank's gradients of the rows back to their rank) is the one we want.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+        parts = all_gather(padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
