@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -409,7 +410,7 @@ def _dp_env(rank: int, world_size: int, port: int) -> None:
 
 def _vit_cfg(out: Path, **kw) -> RunConfig:
     return RunConfig(
-        recipe="vit", out=out, progress=False, tensorboard=False, eval_every=0, ckpt_every=3,
+        recipe="vit", out=out, progress=False, tensorboard=False, eval_every=0, ckpt_every=3, keep=10,
         overrides=DP_OVERRIDES, **kw,
     )  # fmt: skip
 
@@ -500,3 +501,52 @@ def test_data_parallel_vit_recipe_runs_the_single_process_batches(tmp_path, monk
     load_pretrained_vit(tmp_path / "dp2", SeedViT(get_preset("seedvl-tiny").vit))
     shards = sorted(p.name for p in (tmp_path / "dp2" / "checkpoints" / "step_00000006").glob("*.distcp"))
     assert len(shards) == 2, shards
+
+    # Saved by the two ranks after step 3 (mid-stage), resumed in one process: DCP reshards the
+    # model and the optimizer, and the run goes on with the same batches and losses.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "dp2", resumed)
+    for ckpt in (resumed / "checkpoints").glob("step_*"):
+        if int(ckpt.name[5:]) > 3:
+            shutil.rmtree(ckpt)
+    (resumed / "checkpoints" / "latest").write_text("step_00000003\n")
+    log = [
+        line
+        for line in (resumed / "log.jsonl").read_text().splitlines()
+        if json.loads(line).get("step", 0) <= 3
+    ]
+    (resumed / "log.jsonl").write_text("\n".join(log) + "\n")
+    vit_loop.train_recipe(_vit_cfg(resumed, resume=True), train_vlm=None)
+    assert "resumed from" in (resumed / "train.log").read_text()
+    after = steps("resumed")
+    assert [r["step"] for r in after] == [r["step"] for r in dp]
+    for d, r in zip(dp[3:], after[3:], strict=True):
+        assert (r["tokens"], r["images"]) == (d["tokens"], d["images"]), f"step {d['step']}: batch"
+        assert r["loss"] == pytest.approx(d["loss"], rel=1e-2), f"resumed, step {d['step']} {d['stage']}"
+
+
+def _full_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    _dp_env(rank, world_size, port)
+    from trainer.loop import train
+
+    vit_steps = ["vit_mim.steps=1", "vit_contrastive.steps=1", "vit_video.steps=1"]
+    lengths = ["vit_mim.seq_len=300", "vit_contrastive.seq_len=300", "vit_video.seq_len=1800"]
+    cfg = RunConfig(
+        recipe="full", out=Path(out), progress=False, tensorboard=False, eval_every=0, eval_samples=4,
+        steps=2, window=64, overrides=[*vit_steps, *lengths],
+    )  # fmt: skip
+    train(cfg)
+
+
+@pytest.mark.dist
+def test_full_recipe_under_torchrun(tmp_path):
+    """``--recipe full`` on two ranks: the ViT stages data parallel, then the VLM stages from the
+    pre-trained ViT in the same process group (leaving it and joining again raced: one rank could
+    reach the old rendezvous store and hang in the VLM run's first barrier, 1 run in 3)."""
+    from tests.dist_utils import spawn
+
+    spawn(_full_worker, 2, str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["vit_pretrain"]["steps"] == 3 and set(summary["vit_pretrain"]["zero_shot"]) >= {"colour"}
+    assert [s["stage"] for s in summary["stages"]] == ["stage0", "stage1", "stage2", "sft"]
+    assert "initialised the ViT from the pre-trained ViT" in (tmp_path / "train.log").read_text()

@@ -125,7 +125,8 @@ class Run:
         self.meshes: parallel.Meshes | None = None
         self.rank = 0
         if self.distributed:
-            parallel.init_distributed(self.device, cfg.pg_timeout)
+            if not dist.is_initialized():  # --recipe full: the ViT stages' group goes on
+                parallel.init_distributed(self.device, cfg.pg_timeout)
             self.rank = dist.get_rank()
             if cfg.parallel is None:  # plain data parallelism over the whole world
                 dims = parallel.ParallelDims(dp=dist.get_world_size())

@@ -499,12 +499,14 @@ class ViTRun:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
-    def close(self, finished: bool = True) -> None:
-        """Leave the process group; after a finished run, together (rank 0 may still be writing)."""
+    def close(self, finished: bool = True, *, leave: bool = True) -> None:
+        """After a finished run, wait for every rank (rank 0 may still be writing); then leave the
+        process group, unless ``leave`` is False (a ``full`` recipe's VLM run goes on in it)."""
         if self.distributed and dist.is_initialized():
             if finished:
                 dist.barrier()
-            dist.destroy_process_group()
+            if leave or not finished:
+                dist.destroy_process_group()
 
 
 def _dump(cfg: RunConfig) -> str:
@@ -528,9 +530,10 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return vit, vlm
 
 
-def _train_vit(cfg: RunConfig) -> dict:
-    """Set up and run the ViT stages; under torchrun the process group is left afterwards (a
-    ``full`` recipe's VLM run joins its own)."""
+def _train_vit(cfg: RunConfig, *, then_vlm: bool = False) -> dict:
+    """Set up and run the ViT stages. Under torchrun the process group is left afterwards, or kept
+    for the VLM run when ``then_vlm`` (leaving and joining again on the same rendezvous port can
+    race: a rank may reach the old store)."""
     run, finished = None, False
     try:
         run = ViTRun(cfg)
@@ -539,7 +542,7 @@ def _train_vit(cfg: RunConfig) -> dict:
         return summary
     finally:
         if run is not None:
-            run.close(finished)
+            run.close(finished, leave=not then_vlm)
 
 
 def train_recipe(cfg: RunConfig, train_vlm) -> dict:
@@ -571,7 +574,7 @@ def train_recipe(cfg: RunConfig, train_vlm) -> dict:
         vit_summary = json.loads(done.read_text())
         log.info("ViT pre-training already done in %s", vit_cfg.out)
     else:
-        vit_summary = _train_vit(vit_cfg)
+        vit_summary = _train_vit(vit_cfg, then_vlm=True)
     vlm_cfg = replace(cfg, recipe=",".join(rest), out=out, overrides=vlm_overrides, vit_init=vit_cfg.out)
     summary = train_vlm(vlm_cfg)
     if summary:
