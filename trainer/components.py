@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.config import LLMConfig, VLMConfig, get_preset
 from model.llm import LLMOutput
 from model.vlm import SeedVLM
 
+from . import logs
 from .checkpoint import Checkpointer
 from .config import RunConfig, SetupError
 from .data.chat import EncodeConfig, SkipLog
@@ -164,4 +166,17 @@ def prepare_out_dir(cfg: RunConfig, *, write: bool = True) -> Path:
             "or --out DIR for a new one"
         )
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def prepare_run_dir(cfg: RunConfig, rank: int) -> Path:
+    """The run's output directory (:func:`prepare_out_dir`) under one or more ranks: every rank
+    checks it, then rank 0 alone changes it and logs to its ``train.log`` (every rank calls this;
+    with torch.distributed initialised, the ranks wait for each other in between)."""
+    out = prepare_out_dir(cfg, write=False)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the directory before rank 0 changes it
+    if rank == 0:
+        prepare_out_dir(cfg)
+        logs.setup_logging(out)
     return out

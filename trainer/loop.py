@@ -67,7 +67,7 @@ from .components import (
     build_model_config,
     build_optimizer,
     micro_batch_loss,
-    prepare_out_dir,
+    prepare_run_dir,
     set_trainable,
     stage_scheduler,
     vst_heldout,
@@ -131,12 +131,7 @@ class Run:
             if cfg.parallel is None:  # plain data parallelism over the whole world
                 dims = parallel.ParallelDims(dp=dist.get_world_size())
         self.dims = dims
-        self.out = prepare_out_dir(cfg, write=False)
-        if self.distributed:
-            dist.barrier()  # every rank has checked the directory before rank 0 changes it
-        if self.rank == 0:
-            prepare_out_dir(cfg)
-            logs.setup_logging(self.out)
+        self.out = prepare_run_dir(cfg, self.rank)
         self.skips = SkipLog(logging.getLogger("trainer.data"))
         try:
             self.tok = load_tokenizer(cfg.tokenizer)

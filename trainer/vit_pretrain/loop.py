@@ -57,7 +57,7 @@ from model.vit_heads import PretrainConfig, SeedViTPretrain
 
 from .. import logs, parallel
 from ..checkpoint import Checkpointer
-from ..components import _device, param_groups, prepare_out_dir, stage_scheduler
+from ..components import _device, param_groups, prepare_run_dir, stage_scheduler
 from ..config import RunConfig, SetupError, as_dict, validate
 from ..gallery import write_gallery
 from ..recipes import Stage, apply_overrides, get_recipe, with_steps
@@ -158,12 +158,7 @@ class ViTRun:
             if not dist.is_initialized():  # (a caller may have joined it already)
                 parallel.init_distributed(self.device, cfg.pg_timeout)
             self.rank = dist.get_rank()
-        self.out = prepare_out_dir(cfg, write=False)
-        if self.distributed:
-            dist.barrier()  # every rank has checked the directory before rank 0 changes it
-        if self.rank == 0:
-            prepare_out_dir(cfg)
-            logs.setup_logging(self.out)
+        self.out = prepare_run_dir(cfg, self.rank)
         try:
             self.vit_cfg = vit_config_of(cfg.preset)
             stages = get_recipe(cfg.recipe)
