@@ -329,7 +329,9 @@ def test_full_recipe_splits_overrides_and_orders_stages(tmp_path):
         vit_loop.ViTRun(RunConfig(recipe="vit", data="vst:single=1", out=str(tmp_path / "vit")))
     with pytest.raises(SetupError, match=r"--parallel cp=2: ViT pre-training is data parallel only"):
         vit_loop.ViTRun(RunConfig(recipe="vit", parallel="cp=2", out=str(tmp_path / "vit")))
-    with pytest.raises(SetupError, match=r"--parallel dp=2 needs 2 processes: launch with torchrun"):
+    with pytest.raises(
+        SetupError, match=r"--parallel dp=2,cp=1,ep=1 needs 2 processes: launch with torchrun"
+    ):
         vit_loop.ViTRun(RunConfig(recipe="vit", parallel="dp=2", out=str(tmp_path / "vit")))
     scaled = vit_loop.scale_vit_stages(vit_loop.get_recipe("vit"), VIT)
     assert [s.lr_max for s in scaled] == pytest.approx([5e-3, 5e-3, 5e-4])  # x 1280/64 x 2.5 or 0.5, capped

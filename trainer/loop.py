@@ -112,14 +112,9 @@ class Run:
         validate(cfg)
         try:
             dims = parallel.ParallelDims.parse(cfg.parallel)
+            self.distributed = parallel.check_launch(dims)
         except parallel.LayoutError as err:
             raise SetupError(str(err)) from err
-        self.distributed = parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
-        if not self.distributed and dims.enabled:
-            raise SetupError(
-                f"--parallel {dims} needs {dims.world_size} processes: launch with "
-                f"torchrun --nproc-per-node={dims.world_size} trainer/run.py ..."
-            )
         local_rank = int(os.environ["LOCAL_RANK"]) if self.distributed else None
         self.device = _device(cfg.device, local_rank)
         self.meshes: parallel.Meshes | None = None

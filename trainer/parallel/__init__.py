@@ -32,7 +32,7 @@ from model.vlm import SeedVLM
 from .activation_checkpoint import MODES as AC_MODES
 from .activation_checkpoint import apply_activation_checkpointing, apply_compile
 from .context_parallel import apply_context_parallel, shard_batch
-from .dims import LayoutError, Meshes, ParallelDims, init_distributed, launched_by_torchrun
+from .dims import LayoutError, Meshes, ParallelDims, check_launch, init_distributed, launched_by_torchrun
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, mixed_precision, refresh_trainable, shard_units
 from .grad_norm import clip_grad_norm_
@@ -81,6 +81,7 @@ __all__ = [
     "PipelinePlan",
     "VisionBalancer",
     "VisualRoute",
+    "check_launch",
     "clip_grad_norm_",
     "init_distributed",
     "launched_by_torchrun",

@@ -176,3 +176,15 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def check_launch(dims: ParallelDims) -> bool:
+    """Whether this process is one of several torchrun ranks; LayoutError when ``dims`` needs
+    processes that were not launched (one line saying how to launch them)."""
+    distributed = launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    if dims.enabled and not distributed:
+        raise LayoutError(
+            f"--parallel {dims} needs {dims.world_size} processes: launch with "
+            f"torchrun --nproc-per-node={dims.world_size} trainer/run.py ..."
+        )
+    return distributed

@@ -35,6 +35,7 @@ video stages), ``summary.json``, ``loss.png``, ``eval_gallery.png`` and the ViT 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -47,7 +48,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
@@ -126,26 +126,21 @@ class ViTRun:
 
     def __init__(self, cfg: RunConfig) -> None:
         validate(cfg)
-        self.distributed = parallel.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
-        world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
         try:
             dims = parallel.ParallelDims.parse(cfg.parallel)
+            if dims.pp > 1 or dims.cp > 1 or dims.ep > 1:
+                raise parallel.LayoutError(
+                    f"--parallel {cfg.parallel}: ViT pre-training is data parallel only (--parallel "
+                    "dp=N over N processes, or leave it out); cp, ep and pp split the LLM, which these "
+                    "stages do not train"
+                )
+            self.distributed = parallel.check_launch(dims)
+            world = int(os.environ["WORLD_SIZE"]) if self.distributed else 1
+            if cfg.parallel is None:
+                dims = parallel.ParallelDims(dp=world)
+            dims.validate(world, num_experts=0, moe=False, accums={})
         except parallel.LayoutError as err:
             raise SetupError(str(err)) from err
-        if dims.pp > 1 or dims.cp > 1 or dims.ep > 1:
-            raise SetupError(
-                f"--parallel {cfg.parallel}: ViT pre-training is data parallel only (--parallel dp={world}, "
-                "or leave it out); cp, ep and pp split the LLM, which these stages do not train"
-            )
-        if dims.enabled and not self.distributed:
-            raise SetupError(
-                f"--parallel {cfg.parallel} needs {dims.world_size} processes: launch with "
-                f"torchrun --nproc-per-node={dims.world_size} trainer/run.py ..."
-            )
-        if cfg.parallel is not None and dims.dp != world:
-            raise SetupError(
-                f"--parallel {cfg.parallel}: dp = {dims.dp} must equal the number of processes, {world}"
-            )
         if cfg.data.partition(":")[0] == "vst":
             raise SetupError(
                 f"--data {cfg.data}: ViT pre-training reads captioned images from 'spatial' or a JSONL "
@@ -181,7 +176,7 @@ class ViTRun:
         if self.distributed:
             m = self.model
             units = [*m.vit.blocks, m.vit, m.mim, m.pool, m.time, m.text, m.superclass, m.siglip]
-            mesh = init_device_mesh(self.device.type, (world,), mesh_dim_names=("dp",))
+            mesh = dims.build(self.device.type).world  # ("dp_cp",): every rank, dp of them
             parallel.shard_units(m, units, mesh, MixedPrecisionPolicy())
         t0 = time.time()
         if cfg.data.partition(":")[0] == "spatial":  # its question options do not apply here
@@ -256,10 +251,10 @@ class ViTRun:
 
     # ------------------------------------------------------------------ steps
 
-    def _share(self, lengths: list[int]) -> tuple[int, int]:
-        """This rank's contiguous share (start, stop) of a step's items."""
+    def _shares(self, lengths: list[int]) -> list[tuple[int, int]]:
+        """Every rank's contiguous share (start, stop) of a step's items, in rank order."""
         try:
-            return shard_bounds(lengths, self.world)[self.rank]
+            return shard_bounds(lengths, self.world)
         except ValueError as err:
             raise SetupError(f"step {self.state['global_step'] + 1}: {err}") from err
 
@@ -277,7 +272,7 @@ class ViTRun:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             # The mask is the global batch's, drawn alike on every rank; each keeps its images' part.
             keep_all, masked_all, cu_keep_all, _ = mask_packed(cu_all, MASK_RATIO, gen)
-            a, b = self._share(lengths)
+            a, b = self._shares(lengths)[self.rank]
             lo, hi = int(cu_all[a]), int(cu_all[b])
             keep = keep_all[(keep_all >= lo) & (keep_all < hi)] - lo
             masked = masked_all[(masked_all >= lo) & (masked_all < hi)] - lo
@@ -352,8 +347,11 @@ class ViTRun:
         bank = self.videos if video else self.images
         idx = bank.draw(rng, budget)
         captions = [bank.caption(i, rng) for i in idx]
-        a, b = self._share([int(bank.lengths[i]) for i in idx])
-        gather = gather_embeddings if self.distributed else None
+        lengths = [int(bank.lengths[i]) for i in idx]
+        shares = self._shares(lengths)
+        a, b = shares[self.rank]
+        sizes = [stop - start for start, stop in shares]
+        gather = functools.partial(gather_embeddings, sizes=sizes) if self.distributed else None
         if video:
             vb = pack_videos([self.videos.items[i] for i in idx[a:b]])
             f = vb.frames
@@ -375,7 +373,7 @@ class ViTRun:
         positives = same_caption(captions)[a:b].to(dev)
         sig = siglip_loss(self.model.siglip(x[a:b], t), positives, n=len(idx))
         sc = superclass_loss(self.model.superclass(x[a:b]), text.bags.to(dev), self.idf.to(dev), n=len(idx))
-        return sig, sc, int(bank.lengths[idx].sum()), len(idx)
+        return sig, sc, sum(lengths), len(idx)
 
     def _plain_model(self) -> SeedViTPretrain | None:
         """The model to evaluate and export on rank 0: itself in one process; under torchrun a plain

@@ -179,23 +179,27 @@ def idf_weights(bags: torch.Tensor) -> torch.Tensor:
     return torch.log(bags.shape[0] / (1.0 + df)).clamp(min=0.0)
 
 
-def gather_embeddings(x: torch.Tensor) -> torch.Tensor:
+def gather_embeddings(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """All ranks' rows of ``x`` (N_r, E), rank by rank, with gradients back to their rank; the
-    identity in one process. Every rank must call it, with the same E."""
+    identity in one process. ``sizes``: every rank's row count, in rank order (the batch's split is
+    known to every rank, so no collective is spent on it). Every rank must call it, with the same E."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    most = int(max(s.item() for s in sizes))
-    padded = F.pad(x, (0, 0, 0, most - x.shape[0]))
+    rank = dist.get_rank()
+    if len(sizes) != dist.get_world_size() or sizes[rank] != x.shape[0]:
+        raise ValueError(
+            f"sizes: expected {dist.get_world_size()} row counts with {x.shape[0]} at rank {rank}, "
+            f"got {sizes}"
+        )
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
     with warnings.catch_warnings():
         # torch 2.13 points to a private module instead; this public, differentiable all-gather
         # (its backward sums each rank's gradients of the rows back to their rank) is the one we want.
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
         parts = all_gather(padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
 __all__ = [
