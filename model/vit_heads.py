@@ -207,13 +207,15 @@ class SigLIPHead(nn.Module):
         self.bias = nn.Parameter(torch.tensor([-10.0]))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(N, E) image and (M, E) text embeddings -> (N, M) fp32 logits."""
+        """(N, E) image and (M, E) text embeddings -> (N, M) fp32 logits (also under autocast: the
+        cosines of nearly equal embeddings need more than bf16's 8 bits)."""
         if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
             raise ValueError(
                 f"image, text: expected (N, E) and (M, E), got {tuple(image.shape)}, {tuple(text.shape)}"
             )
-        x, y = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        return self.scale.float().exp() * (x @ y.t()) + self.bias.float()
+        with torch.autocast(image.device.type, enabled=False):
+            x, y = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+            return self.scale.float().exp() * (x @ y.t()) + self.bias.float()
 
 
 class SeedViTPretrain(nn.Module):
@@ -256,13 +258,15 @@ class SeedViTPretrain(nn.Module):
         patches of consecutive frames pool together into one embedding per video, (V, E).
         ``gather``: applied to the pooled rows before the batch normalisation; under data
         parallelism it collects every rank's rows (trainer.vit_pretrain.losses.gather_embeddings),
-        so that the statistics, and the rows returned, are the global batch's."""
+        so that the statistics, and the rows returned, are the global batch's. The rows are fp32
+        from the gather on, whatever the towers compute in (bf16 under mixed precision)."""
         x = self.vit(patches, pos_hw, cu_seqlens, max_seqlen)
         if frame_times is None:
             pooled, norm = self.pool(x, cu_seqlens, max_seqlen), self.image_norm
         else:
             x = x + self.time(time_features(frame_times)).to(x.dtype)
             pooled, norm = self.pool(x, cu_videos, max_video), self.video_norm
+        pooled = pooled.float()
         return norm(pooled if gather is None else gather(pooled))
 
     def encode_text(
@@ -277,7 +281,7 @@ class SeedViTPretrain(nn.Module):
         """(N, E) one embedding per caption; ``video``: captions of clips (their own statistics);
         ``gather`` as for :meth:`encode_images`."""
         norm = self.video_text_norm if video else self.text_norm
-        x = self.text(ids, cu_seqlens, max_seqlen)
+        x = self.text(ids, cu_seqlens, max_seqlen).float()
         return norm(x if gather is None else gather(x))
 
 

@@ -107,6 +107,14 @@ def _device(spec: str, local_rank: int | None = None) -> torch.device:
     return torch.device(spec)
 
 
+def compute_dtype(spec: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a run computes in (None: fp32) for ``--mixed-precision``: bf16 when asked, or by
+    default on a GPU."""
+    if spec == "bf16" or (spec == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def _source(spec: str, seed: int, skips: SkipLog) -> Source:
     """The dataset of data spec ``spec`` (``--data``, or a stage's ``data`` from its recipe or
     ``--set STAGE.data=...``): the embedded spatial data (``spatial[:OPTIONS]``,

@@ -66,6 +66,7 @@ from .components import (
     _source,
     build_model_config,
     build_optimizer,
+    compute_dtype,
     micro_batch_loss,
     prepare_run_dir,
     set_trainable,
@@ -146,7 +147,7 @@ class Run:
                 accums={s.name: s.accum for s in self.stages},
             )
             self.pipeline_plan = self._pipeline_plan()
-            self.compute_dtype = _compute_dtype(cfg.mixed_precision, self.device)
+            self.compute_dtype = compute_dtype(cfg.mixed_precision, self.device)
             self.flops = FlopCounter(self.model_cfg)
             self.vit_cost = CostModel.from_config(self.model_cfg)
         except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
@@ -684,13 +685,6 @@ class Run:
             if finished:
                 dist.barrier()
             dist.destroy_process_group()
-
-
-def _compute_dtype(spec: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the model computes in (None: fp32): bf16 when asked, or by default on a GPU."""
-    if spec == "bf16" or (spec == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def train(cfg: RunConfig) -> dict:

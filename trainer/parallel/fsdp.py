@@ -84,7 +84,7 @@ def sum_gradients(model: nn.Module) -> None:
             module.set_reduce_scatter_unused_params(True)
 
 
-def refresh_trainable(model: SeedVLM) -> None:
+def refresh_trainable(model: nn.Module) -> None:
     """Recompute each FSDP unit's gradient dtypes after a stage changed which parameters train.
 
     FSDP2 takes a unit's original and reduce dtypes from its parameters that require grad when the

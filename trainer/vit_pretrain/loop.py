@@ -24,6 +24,12 @@ by global counts), and the run matches the single process up to the order of flo
 (tests/test_trainer_vit_pretrain.py). Rank 0 logs, evaluates on a gathered copy of the weights and
 writes the summary and the ViT.
 
+Precision (``--mixed-precision``, as for the VLM stages: default bf16 on a GPU, fp32 on a CPU):
+the towers and heads compute in bf16 (one process: ``torch.autocast``; under torchrun: FSDP's bf16
+gathers, except the SigLIP head's two scalars), with fp32 weights, gradients and optimizer. The
+embeddings go to fp32 before their gather and batch normalisation, and the logits and losses are
+fp32.
+
 Learning rates scale with the ViT width (:func:`scale_vit_stages`). Each stage starts a fresh
 AdamW. Checkpoints (trainer.checkpoint) hold the model with its heads, the optimizer and the
 scheduler; ``--resume`` continues, and as a step's batch is a function of (seed, stage, step)
@@ -48,7 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from model.config import ViTConfig, VLMConfig, get_preset
@@ -57,7 +63,7 @@ from model.vit_heads import PretrainConfig, SeedViTPretrain
 
 from .. import logs, parallel
 from ..checkpoint import Checkpointer
-from ..components import _device, param_groups, prepare_run_dir, stage_scheduler
+from ..components import _device, compute_dtype, param_groups, prepare_run_dir, stage_scheduler
 from ..config import RunConfig, SetupError, as_dict, validate
 from ..gallery import write_gallery
 from ..recipes import Stage, apply_overrides, get_recipe, with_steps
@@ -173,11 +179,14 @@ class ViTRun:
         self.model = SeedViTPretrain(PretrainConfig(self.vit_cfg, self.tok.vocab_size, target_dim)).to(
             self.device
         )
+        self.compute_dtype = compute_dtype(cfg.mixed_precision, self.device)
         if self.distributed:
             m = self.model
-            units = [*m.vit.blocks, m.vit, m.mim, m.pool, m.time, m.text, m.superclass, m.siglip]
             mesh = dims.build(self.device.type).world  # ("dp_cp",): every rank, dp of them
-            parallel.shard_units(m, units, mesh, MixedPrecisionPolicy())
+            # The SigLIP head's two scalars stay fp32: its logits are computed in fp32 either way.
+            fully_shard(m.siglip, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+            units = [*m.vit.blocks, m.vit, m.mim, m.pool, m.time, m.text, m.superclass]
+            parallel.shard_units(m, units, mesh, parallel.mixed_precision(self.compute_dtype))
         t0 = time.time()
         if cfg.data.partition(":")[0] == "spatial":  # its question options do not apply here
             self.images = ImageBank.scenes(cfg.seed, IMAGE_BANK, max_pixels=cfg.max_pixels)
@@ -223,6 +232,8 @@ class ViTRun:
         parts = TRAINS[stage.name]
         for name, p in self.model.named_parameters():
             p.requires_grad_(name.split(".")[0] in parts)
+        if self.distributed:  # the gradient dtypes of units that start or stop training
+            parallel.refresh_trainable(self.model)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, stage.weight_decay), lr=stage.lr_max, betas=stage.betas, eps=1e-8
         )
@@ -260,7 +271,15 @@ class ViTRun:
 
     def forward(self, stage: Stage) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
         """The loss of this step of ``stage`` (this rank's share), its parts, and the global batch's
-        patches and images (or clips). The batch is a function of (seed, stage, step)."""
+        patches and images (or clips). The batch is a function of (seed, stage, step).
+        ``--mixed-precision bf16``: the towers compute in bf16 (a single process: autocast; under
+        torchrun: FSDP's bf16 gathers), the embeddings, logits and losses in fp32."""
+        # FSDP casts for itself; a single process casts through autocast.
+        autocast = self.compute_dtype is not None and not self.distributed
+        with torch.autocast(self.device.type, self.compute_dtype, enabled=autocast):
+            return self._forward(stage)
+
+    def _forward(self, stage: Stage) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
         rng = np.random.default_rng([self.cfg.seed, self.state["stage_index"], self.state["stage_step"]])
         dev = self.device
         parts: dict[str, torch.Tensor] = {}
@@ -413,11 +432,11 @@ class ViTRun:
         n = sum(p.numel() for p in self.model.vit.parameters())
         log.info(
             "ViT pre-training of %s's ViT (%.2fM parameters; heads %.2fM), recipe %s: %s; "
-            "MIM targets %s; out %s",
+            "MIM targets %s; %s compute; out %s",
             cfg.preset, n / 1e6, sum(p.numel() for p in self.model.parameters()) / 1e6 - n / 1e6, cfg.recipe,
             ", ".join(f"{s.name} {s.steps} steps x {s.seq_len} patches, LR {s.lr_max:.2e}"
                       for s in self.stages),
-            getattr(self.targets, "name", "-"), self.out,
+            getattr(self.targets, "name", "-"), "bf16" if self.compute_dtype else "fp32", self.out,
         )  # fmt: skip
         if self.distributed:
             log.info("data parallel over %d ranks (FSDP2 units: each ViT block, tower and head)", self.world)
