@@ -12,6 +12,10 @@ FAST = ["--recipe", "stage1", "--steps", "2", "--window", "32", "--set", "*.seq_
         "--no-tensorboard", "--eval-samples", "0", "--eval-every", "0"]  # fmt: skip
 
 
+def test_no_flags_give_the_run_config_defaults():
+    assert parse_args([]) == RunConfig()
+
+
 def test_config_file_and_round_trip(tmp_path):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text(

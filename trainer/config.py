@@ -68,7 +68,7 @@ class RunConfig:
     pp_schedule: str = "interleaved1f1b"  # torch.distributed.pipelining schedule (trainer.parallel.pipeline)
     pp_virtual: int | None = None  # stages per pipeline rank; default 2 for looped schedules if layers allow
     pp_layers: str | None = None  # decoder layers of each stage, "a,b,..."; default as even as possible
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPUs under FSDP, else fp32), "bf16", "fp32"
+    mixed_precision: str = "auto"  # "auto" (bf16 on a GPU, fp32 on a CPU), "bf16", "fp32"
     pg_timeout: float = 600.0  # seconds a collective may wait for a peer before the job fails
     activation_checkpointing: str = "none"  # "none", "selective" or "full" per ViT block / decoder layer
     compile: bool = False  # torch.compile each ViT block and decoder layer

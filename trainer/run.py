@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     config_file = pre.parse_known_args(argv)[0].config
+    D = RunConfig()  # the defaults: one place, shared with runs built in code
     # fmt: off
     p = argparse.ArgumentParser(
         description="Train a Seed1.5-VL model through its recipe (stage 0 -> 1 -> 2 -> SFT by default). "
@@ -58,15 +59,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--config", type=Path, metavar="FILE.toml",
         help="settings under the long flag names (steps = 12, set = [...]); flags given here win; "
         "every run writes its own to <out>/config.toml")
-    add("--recipe", default="vlm",
+    add("--recipe", default=D.recipe,
         help=f"recipe ({', '.join(RECIPES)}; default vlm), post-training ({', '.join(POST_RECIPES)}; "
         f"see trainer/rl) or stages a,b ({', '.join(STAGES)})")
-    add("--preset", default="seedvl-tiny", help="model preset from model/config.py (default seedvl-tiny)")
-    add("--data", default="spatial",
+    add("--preset", default=D.preset, help=f"model preset from model/config.py (default {D.preset})")
+    add("--data", default=D.data,
         help="'spatial' (the embedded data, default; 'spatial:questions=4,caption=1' sets how many "
         "questions a scene gets and whether a caption ends it), 'vst:MIX' (the Visual Spatial "
         "Tuning data, e.g. 'vst:think=0,single=1'; trainer.data.vst) or a JSONL manifest")
-    add("--tokenizer", default="words",
+    add("--tokenizer", default=D.tokenizer,
         help="'words' (default: bytes plus one id per word of the embedded data), 'bytes', or a local "
         "Hugging Face tokenizer directory")
     budget = p.add_mutually_exclusive_group()
@@ -85,29 +86,30 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help="start the ViT from a ViT pre-training run (python trainer/run.py --recipe vit)")
     add("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",
         help="override a stage field, e.g. stage1.lr_max=1e-3, '*.seq_len=2048', sft.steps=50")
-    add("--seed", type=int, default=0, help="model init and data order (default 0)")
-    add("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    add("--seed", type=int, default=D.seed, help=f"model init and data order (default {D.seed})")
+    add("--device", default=D.device, help="auto (default), cpu, cuda, cuda:1, ...")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=None,
         help="torch.use_deterministic_algorithms (default: on for CPU, off for GPU)")
-    add("--ckpt-every", type=int, default=100, help="checkpoint every N steps and at stage ends (100)")
-    add("--keep", type=int, default=2, help="checkpoints to keep (2)")
+    add("--ckpt-every", type=int, default=D.ckpt_every,
+        help=f"checkpoint every N steps and at stage ends ({D.ckpt_every})")
+    add("--keep", type=int, default=D.keep, help=f"checkpoints to keep ({D.keep})")
     add("--async-save", action="store_true",
         help="write checkpoints in the background (dcp.async_save): training goes on once the state "
         "is copied to host memory; each is committed before the next save or at the end")
-    add("--window", type=int, default=256, help="samples bin-packed together (256)")
+    add("--window", type=int, default=D.window, help=f"samples bin-packed together ({D.window})")
     add("--max-pixels", type=int, help="per-image pixel budget (default 224x224 tiny, else 3584x3584)")
-    add("--eval-samples", type=int, default=50,
+    add("--eval-samples", type=int, default=D.eval_samples,
         help="held-out questions per skill (or manifest samples) answered at the end, next to a blind "
-        "baseline, with a gallery PNG (50; 0: none)")
-    add("--eval-every", type=int, default=100, metavar="N",
-        help="held-out loss and accuracy every N steps, 16 questions per skill (100; 0: never)")
+        f"baseline, with a gallery PNG ({D.eval_samples}; 0: none)")
+    add("--eval-every", type=int, default=D.eval_every, metavar="N",
+        help=f"held-out loss and accuracy every N steps, 16 questions per skill ({D.eval_every}; 0: never)")
     add("--profile-steps", type=_steps_range, metavar="A:B", help="profile steps A..B (as in the log)")
-    add("--profiler", choices=("torch", "nsys"), default="torch",
+    add("--profiler", choices=("torch", "nsys"), default=D.profiler,
         help="torch (default): a trace file; nsys: only cudaProfilerStart/Stop around the steps")
     add("--parallel", metavar="pp=P,dp=D,cp=C,ep=E",
         help="layout under torchrun: pp x dp x cp = number of processes, ep divides dp x cp, a missing "
         "dimension is 1 (default: dp = number of processes); see trainer/parallel")
-    add("--pp-schedule", default="interleaved1f1b",
+    add("--pp-schedule", default=D.pp_schedule,
         help="pipeline schedule with pp > 1: interleaved1f1b (default), 1f1b, gpipe, loopedbfs "
         "(torch.distributed.pipelining); see trainer/parallel/pipeline.py")
     add("--pp-virtual", type=int, metavar="V",
@@ -116,22 +118,23 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     add("--pp-layers", metavar="L0,L1,...",
         help="decoder layers of each of the pp x V stages, e.g. 1,2,2,1 for lighter first and last "
         "stages (embedding, head); default as even as possible")
-    add("--mixed-precision", choices=("auto", "bf16", "fp32"), default="auto",
+    add("--mixed-precision", choices=("auto", "bf16", "fp32"), default=D.mixed_precision,
         help="bf16 compute with fp32 master weights (a single process: autocast; torchrun: FSDP's "
         "bf16 gathers and fp32 gradient reduction); auto (default): bf16 on GPUs, fp32 on CPUs")
-    add("--activation-checkpointing", choices=("none", "selective", "full"), default="none",
+    add("--activation-checkpointing", choices=("none", "selective", "full"),
+        default=D.activation_checkpointing,
         help="per ViT block and decoder layer: selective keeps matmul and attention outputs and "
         "recomputes the rest, full recomputes whole blocks (default none)")
     add("--compile", action="store_true", help="torch.compile each ViT block and decoder layer (default off)")
-    add("--vit-balance", choices=("auto", "off", "flops", "patches", "patches2"), default="auto",
+    add("--vit-balance", choices=("auto", "off", "flops", "patches", "patches2"), default=D.vit_balance,
         help="under torchrun, spread each step's images over the ranks by their ViT cost (FLOPs, "
         "patches or patches^2) and send the visual tokens back; auto (default): flops with 2 or "
         "more ranks; see trainer/balance.py")
     add("--vit-balance-group", type=int, metavar="G",
         help="balance within groups of G consecutive ranks (a divisor of the world and a multiple "
         "of cp; default the largest such divisor up to 128)")
-    add("--pg-timeout", type=float, default=600.0, metavar="S",
-        help="seconds a collective waits for a peer before the job fails (600)")
+    add("--pg-timeout", type=float, default=D.pg_timeout, metavar="S",
+        help=f"seconds a collective waits for a peer before the job fails ({D.pg_timeout:g})")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard scalars")
     # fmt: on
