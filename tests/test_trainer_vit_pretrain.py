@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from tests.utils import assert_close, tol
 from trainer.config import RunConfig, SetupError
 from trainer.vit_pretrain import data as vit_data
 from trainer.vit_pretrain import loop as vit_loop
+from trainer.vit_pretrain import losses as vit_losses
 from trainer.vit_pretrain.data import CaptionTokenizer, objects_caption, pack_text, scene_caption
 from trainer.vit_pretrain.export import load_pretrained_vit
 from trainer.vit_pretrain.losses import (
@@ -36,11 +38,12 @@ from trainer.vit_pretrain.losses import (
     idf_weights,
     mask_packed,
     mim_loss,
+    patch_colour,
     same_caption,
     siglip_loss,
     superclass_loss,
 )
-from trainer.vit_pretrain.teacher import HFTeacher, unpatchify
+from trainer.vit_pretrain.teacher import HFTeacher, HOGTargets, unpatchify
 
 VIT = get_preset("vit-tiny")
 F32 = tol(torch.float32, 10)
@@ -126,6 +129,24 @@ def test_hog_bins_edges_by_orientation():
     flat[7:] = 1.0  # a horizontal edge: orientation pi/2 -> bin 4
     energy = hog(flat.reshape(1, -1)).view(3, 2, 2, 9).sum((0, 1, 2))
     assert energy[4].item() == pytest.approx(energy.sum().item(), rel=1e-6)
+
+
+def test_teacher_free_targets_are_hog_then_the_mean_colour():
+    red, blue = torch.zeros(14, 14, 3), torch.zeros(14, 14, 3)
+    red[..., 0], blue[..., 2] = 1.5, -0.5  # flat patches: no gradients, so only the colour part
+    edged = torch.zeros(14, 14, 3)
+    edged[:, 7:] = torch.tensor([0.2, -1.0, 0.4])
+    patches = torch.stack([red, blue, edged]).reshape(3, -1)
+    targets = HOGTargets()(SimpleNamespace(patches=patches))  # it reads the packed patches only
+    assert targets.shape == (3, HOGTargets.feature_dim) == (3, 111)
+    want_hog = hog(patches)
+    assert torch.equal(targets[:, :108], want_hog) and want_hog[:2].abs().max() == 0
+    w = vit_losses.COLOUR_WEIGHT
+    assert_close(targets[0, 108:], torch.tensor([w, 0.0, 0.0]), "red", **tol(torch.float32))
+    assert_close(targets[1, 108:], torch.tensor([0.0, 0.0, -w]), "blue", **tol(torch.float32))
+    mean = torch.tensor([0.1, -0.5, 0.2])  # half the patch holds the colour
+    assert_close(targets[2, 108:], w * mean / mean.norm(), "edged", **tol(torch.float32))
+    assert patch_colour(torch.zeros(2, 588)).abs().max() == 0  # a zero mean has no direction
 
 
 # ----------------------------------------------------------------------------- contrastive losses

@@ -75,7 +75,7 @@ class RunConfig:
     async_save: bool = False  # checkpoints written in the background (dcp.async_save)
     vit_balance: str = "auto"  # "auto" (flops under torchrun), "off", "flops", "patches", "patches2"
     vit_balance_group: int | None = None  # ranks per balancing group; default the largest divisor <= 128
-    teacher: Path | None = None  # vit_mim's teacher: a local HF vision tower (None: HOG targets)
+    teacher: Path | None = None  # vit_mim's teacher: a local HF vision tower (None: HOG and colour targets)
     vit_init: Path | None = None  # the ViT from a ViT pre-training run (trainer.vit_pretrain)
 
 

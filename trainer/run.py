@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         "Qwen3-MoE checkpoint directory (config.json + safetensors: the LLM's weights)")
     add("--teacher", type=Path, metavar="DIR",
         help="vit_mim's teacher: a local Hugging Face CLIP, SigLIP or Qwen2-VL vision tower (default: "
-        "HOG targets, no weights needed); see trainer/vit_pretrain")
+        "HOG and colour targets, no weights needed); see trainer/vit_pretrain")
     add("--vit-init", type=Path, metavar="RUN",
         help="start the ViT from a ViT pre-training run (python trainer/run.py --recipe vit)")
     add("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE",

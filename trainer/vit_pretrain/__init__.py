@@ -6,7 +6,8 @@
    resolution, the kept patches encoded with their own 2D RoPE positions (packed through
    ``varlen_attention``), a one-block decoder predicting the targets at the masked places, cosine
    loss. Targets: a frozen Hugging Face vision tower (``--teacher PATH``: CLIP, SigLIP or a
-   Qwen2-VL vision tower) or, without one, HOG (MaskFeat), so the stage runs with no weights.
+   Qwen2-VL vision tower) or, without one, HOG (MaskFeat) and each patch's mean colour, so the
+   stage runs with no weights.
 2. ``vit_contrastive``: native-resolution image-text pairs; attention-pooling head on the ViT, a
    small text encoder; SigLIP's sigmoid loss plus SuperClass (bag-of-subword classification of the
    caption). Captions come from the rendered scene (objects, colours, counts, relations) or, with

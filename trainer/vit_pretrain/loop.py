@@ -174,7 +174,7 @@ class ViTRun:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.tok = CaptionTokenizer()
-        target_dim = self.targets.feature_dim if self.targets is not None else 108
+        target_dim = (self.targets or HOGTargets).feature_dim
         # Every rank builds the same model (same seed); sharding then keeps each rank's part.
         self.model = SeedViTPretrain(PretrainConfig(self.vit_cfg, self.tok.vocab_size, target_dim)).to(
             self.device
@@ -350,7 +350,7 @@ class ViTRun:
         }  # fmt: skip
 
     def _mim_targets(self, idx: list[int], packed) -> torch.Tensor:
-        """The teacher's features of the packed images, or their HOG (computed once per image)."""
+        """The teacher's features of the packed images, or their HOG and colour (once per image)."""
         if not isinstance(self.targets, HOGTargets):
             return self.targets(packed)
         for i in idx:

@@ -3,11 +3,15 @@
 MIM (stage ``vit_mim``):
     keep, masked = mask_packed(cu_seqlens, 0.75)  per image, round(25%) of its patches kept (>= 1)
     loss = mean over masked patches p of 1 - cos(prediction_p, target_p)
-  The targets are a frozen teacher's patch features or, without a teacher, HOG (:func:`hog`):
-  MaskFeat's histograms of oriented gradients, here per 14x14 patch: 2x2 cells of 7x7 px, 9
-  unsigned orientation bins weighted by gradient magnitude, per colour channel (108 values), the
-  patch's vector L2-normalised. MaskFeat regresses HOG with an L2 loss; on L2-normalised targets
-  the cosine loss used for the teacher differs from it only by the prediction's scale.
+  The targets are a frozen teacher's patch features or, without a teacher, :func:`hog_colour`:
+  MaskFeat's histograms of oriented gradients (:func:`hog`), here per 14x14 patch: 2x2 cells of
+  7x7 px, 9 unsigned orientation bins weighted by gradient magnitude, per colour channel (108
+  values), the patch's vector L2-normalised; followed by the patch's mean colour (3 values, L2-
+  normalised, weight COLOUR_WEIGHT). HOG alone is blind to flat colour, which the paper's teacher
+  (EVA02-CLIP) features carry; a ViT pre-trained on HOG alone made the VLM read colour-named
+  objects worse than a random ViT (profiles/vit_pretrain.md). MaskFeat regresses HOG with an L2
+  loss; on L2-normalised targets the cosine loss used for the teacher differs from it only by the
+  prediction's scale.
 
 SigLIP (Zhai et al. 2023), image embeddings x_i and text embeddings y_j L2-normalised:
     logits_ij = exp(t) x_i . y_j + b   (model.vit_heads.SigLIPHead),   z_ij = +1 for a matching pair, else -1
@@ -41,6 +45,9 @@ import torch.nn.functional as F
 
 HOG_BINS = 9
 HOG_CELL = 7
+# The mean colour's weight in a HOG target (hog_colour): its share of the target's squared norm is
+# 0.25 / 1.25 = 20% wherever the patch has edges, all of it where the patch is flat.
+COLOUR_WEIGHT = 0.5
 
 
 def mask_packed(
@@ -128,6 +135,22 @@ def hog(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tens
     return out / out.norm(dim=1, keepdim=True).clamp(min=1e-6)
 
 
+def patch_colour(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tensor:
+    """(T, patch*patch*channels) patches -> (T, channels): each patch's mean (normalised) pixel
+    value, L2-normalised (zero for a patch whose mean is zero)."""
+    if patches.ndim != 2 or patches.shape[1] != patch * patch * channels:
+        raise ValueError(f"patches: expected (T, {patch * patch * channels}), got {tuple(patches.shape)}")
+    return F.normalize(patches.float().view(-1, patch * patch, channels).mean(1), dim=-1, eps=1e-6)
+
+
+def hog_colour(patches: torch.Tensor, patch: int = 14, channels: int = 3) -> torch.Tensor:
+    """The teacher-free MIM target: (T, 108 + 3) = [HOG (:func:`hog`), COLOUR_WEIGHT x
+    :func:`patch_colour`]. Both parts depend on the patch's own pixels only."""
+    return torch.cat(
+        [hog(patches, patch, channels), COLOUR_WEIGHT * patch_colour(patches, patch, channels)], dim=1
+    )
+
+
 def siglip_loss(
     logits: torch.Tensor, positives: torch.Tensor | None = None, n: int | None = None
 ) -> torch.Tensor:
@@ -205,9 +228,11 @@ def gather_embeddings(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 __all__ = [
     "gather_embeddings",
     "hog",
+    "hog_colour",
     "idf_weights",
     "mask_packed",
     "mim_loss",
+    "patch_colour",
     "same_caption",
     "siglip_loss",
     "superclass_loss",

@@ -1,4 +1,4 @@
-"""MIM targets: a frozen Hugging Face vision tower (``--teacher PATH``), or HOG without one.
+"""MIM targets: a frozen Hugging Face vision tower (``--teacher PATH``), or HOG and colour without one.
 
 The paper distils from EVA02-CLIP-E's patch features (§2.1.2). Here the teacher is any local
 transformers vision tower of these kinds (read from ``config.json``, never downloaded):
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from model.preprocess import CLIP_MEAN, CLIP_STD, MERGE, PATCH, PackedImages
 
-from .losses import hog
+from .losses import hog_colour
 
 _FAMILIES = {
     "clip": "clip", "clip_vision_model": "clip",
@@ -52,13 +52,14 @@ def _window_order(grid: torch.Tensor) -> torch.Tensor:
 
 
 class HOGTargets:
-    """MaskFeat's targets: HOG of each patch (trainer.vit_pretrain.losses.hog), 108 values."""
+    """The targets without a teacher: MaskFeat's HOG of each patch and its mean colour
+    (trainer.vit_pretrain.losses.hog_colour), 108 + 3 values."""
 
-    name = "hog"
-    feature_dim = 108
+    name = "hog+colour"
+    feature_dim = 111
 
     def __call__(self, packed: PackedImages) -> torch.Tensor:
-        return hog(packed.patches)
+        return hog_colour(packed.patches)
 
 
 class HFTeacher:
@@ -144,7 +145,7 @@ class HFTeacher:
 
 
 def load_targets(teacher: str | Path | None, device: torch.device | str = "cpu") -> HOGTargets | HFTeacher:
-    """The MIM target maker: the HF teacher at ``teacher``, or HOG when it is None."""
+    """The MIM target maker: the HF teacher at ``teacher``, or HOG and colour when it is None."""
     return HOGTargets() if teacher is None else HFTeacher(teacher, device)
 
 
