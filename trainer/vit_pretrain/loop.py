@@ -174,7 +174,7 @@ class ViTRun:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.tok = CaptionTokenizer()
-        target_dim = (self.targets or HOGTargets).feature_dim
+        target_dim = HOGTargets.feature_dim if self.targets is None else self.targets.feature_dim
         # Every rank builds the same model (same seed); sharding then keeps each rank's part.
         self.model = SeedViTPretrain(PretrainConfig(self.vit_cfg, self.tok.vocab_size, target_dim)).to(
             self.device
