@@ -211,7 +211,7 @@ class ViTRun:
         self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "tokens": 0}
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
-        self._hog: dict[int, torch.Tensor] = {}
+        self._image_targets: dict[int, torch.Tensor] = {}  # teacher-free MIM targets per bank image
         if cfg.resume:
             self._resume()
 
@@ -354,9 +354,9 @@ class ViTRun:
         if not isinstance(self.targets, HOGTargets):
             return self.targets(packed)
         for i in idx:
-            if i not in self._hog:
-                self._hog[i] = self.targets(pack_images([self.images.items[i].patches]))
-        return torch.cat([self._hog[i] for i in idx])
+            if i not in self._image_targets:
+                self._image_targets[i] = self.targets(pack_images([self.images.items[i].patches]))
+        return torch.cat([self._image_targets[i] for i in idx])
 
     def _pairs(self, rng: np.random.Generator, budget: int, *, video: bool):
         """(SigLIP loss, SuperClass loss, patches, pairs) of a batch of image- or clip-text pairs
