@@ -300,7 +300,11 @@ def test_bf16_mixed_precision(runs, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_stalled_rank_times_out(tmp_path):
     """A rank that stops answering (SIGSTOP: alive, so torchrun does not notice) makes its peer's
-    next collective fail after --pg-timeout, and the job ends instead of hanging."""
+    next collective fail after --pg-timeout, and the job ends instead of hanging.
+
+    Once rank 0 has given up, the test kills the stopped rank itself: torchrun would, but only after
+    its fixed 30 s grace period for workers that ignore SIGTERM (a stopped process cannot act on it),
+    which is torchrun's behaviour, not the trainer's."""
     out = tmp_path / "run"
     args = ["--steps", "400", "--window", "64", "--eval-samples", "0", "--no-progress", "--no-tensorboard",
             "--pg-timeout", "10", "--parallel", "dp=2", "--out", str(out)]  # fmt: skip
@@ -316,6 +320,11 @@ def test_stalled_rank_times_out(tmp_path):
         victims = _children_with(proc.pid, "1")
         assert len(victims) == 1
         os.kill(victims[0], signal.SIGSTOP)
+        log = out / "train.log"
+        while "rank 0 stops at step" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline + 60, "rank 0 did not time out"
+            time.sleep(0.5)
+        os.kill(victims[0], signal.SIGKILL)
         output, _ = proc.communicate(timeout=150)
     finally:
         for pid in victims:
