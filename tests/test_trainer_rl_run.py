@@ -204,6 +204,7 @@ def test_rl_state_resumes_exactly_after_sigterm(tmp_path):
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["episodes"] == 6 and len(summary["rejection_sampling"]) == 1
     assert "all" in summary["reward_model"]["pairwise_accuracy"]
+    assert summary["host"]["device"] == "cpu" and summary["host"]["threads"] >= 1
 
     out = tmp_path / "preempted"
     proc = subprocess.Popen(_cmd(init, out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -146,6 +146,10 @@ def test_kill_resume_and_default_recipe(tmp_path):
     assert set(default_summary["eval"]) >= {"count", "closer", "all"}
     assert default_summary["eval"]["count"]["total"] == 2 and "baseline" in default_summary["eval"]["count"]
     assert (default / "eval_gallery.png").stat().st_size > 10_000
+    # What ran it: on a CPU the CPU's model and the thread count decide how floats are summed.
+    host = default_summary["host"]
+    assert host["device"] == "cpu" and host["cpu"] and host["threads"] >= 1, host
+    assert host["torch"] == torch.__version__
 
 
 def test_setup_errors_are_one_line(tmp_path, capsys):

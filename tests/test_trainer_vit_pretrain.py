@@ -583,6 +583,7 @@ def test_data_parallel_vit_recipe_runs_the_single_process_batches(tmp_path, monk
     assert single[0]["loss"] == pytest.approx(dp[0]["loss"], rel=1e-6)  # the same weights and batch
     summary = json.loads((tmp_path / "dp2" / "summary.json").read_text())
     assert set(summary["zero_shot"]) == {"shape", "colour", "count", "motion"}
+    assert summary["host"]["device"] == "cpu" and summary["host"]["threads"] >= 1
     load_pretrained_vit(tmp_path / "dp2", SeedViT(get_preset("seedvl-tiny").vit))
     shards = sorted(p.name for p in (tmp_path / "dp2" / "checkpoints" / "step_00000006").glob("*.distcp"))
     assert len(shards) == 2, shards

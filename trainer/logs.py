@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 log = logging.getLogger("trainer")
@@ -149,6 +151,25 @@ class NullRunLog:
 
     def close(self) -> None:
         pass
+
+
+def host_info(device: torch.device) -> dict:
+    """What ran the job, for summary.json: the CPU's model, torch's intra-op threads, torch's version
+    and the device (with the GPU's name on CUDA). A CPU run repeats exactly on the same CPU model at
+    the same thread count; another CPU or thread count sums floats in another order and ends
+    elsewhere."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _records(path: Path) -> list[dict]:

@@ -649,6 +649,7 @@ class Run:
             "stages": logs.stage_summary(records),
             "skipped": dict(self.skips.counts),
             "checkpoint": str(latest) if latest else None,
+            "host": logs.host_info(self.device),
         }
         png = logs.plot_losses(
             records, self.out / "loss.png", logs.read_events(self.out / "log.jsonl", "eval")

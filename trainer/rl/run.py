@@ -101,6 +101,7 @@ class PostTraining:
         loaded = self._load(init)
         self.s = self._settings(rl_sets)
         summary: dict = {"out": str(self.out), "recipe": cfg.recipe, "init": str(loaded.path)}
+        summary["host"] = logs.host_info(self.device)
         summary["eval_before"] = self._eval_before(loaded.model)
         return self._post(loaded, summary, t0)
 

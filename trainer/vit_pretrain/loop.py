@@ -488,6 +488,7 @@ class ViTRun:
             "out": str(self.out), "wall_s": round(wall_s, 1), "steps": self.state["global_step"],
             "tokens": self.state["tokens"], "stages": logs.stage_summary(records), "skipped": {},
             "checkpoint": str(latest) if latest else None, "mim_targets": getattr(self.targets, "name", None),
+            "host": logs.host_info(self.device),
         }  # fmt: skip
         png = logs.plot_losses(
             records, self.out / "loss.png", logs.read_events(self.out / "log.jsonl", "eval")
