@@ -7,10 +7,11 @@ adapter and the MoE LLM trained from scratch, as SFT from scratch), one question
 bare token sequences (16 visual tokens, a few question ids, the answer id), the loss on the
 answer only, AdamW with the SFT stage's LR and betas and a cosine schedule.
 
-Tasks (the answer is one colour):
+Tasks (the answer is one colour, or a number for count):
     closer     "closer A or B": the nearer of the two (the main job's closer)
     relchoice  "left|right A or B": the one farther to that side (relation as a choice)
     leftmost   "leftmost|rightmost": the object farthest to that side
+    count      "how many objects" or "how many <shape>s", as the main job asks them
 
 What the visual tokens are (--features):
     vit        the adapter's outputs, as in the model
@@ -45,14 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import get_preset
 from model.preprocess import ImagePatches, pack_images, patchify
 from model.vlm import SeedVLM
-from trainer.data.render import COLORS
+from trainer.data.render import COLORS, SHAPES
 from trainer.data.spatial import DEPTH_GAP, LATERAL_GAP, Scene, sample_scene
 from trainer.vit_pretrain.export import load_pretrained_vit
 
 GRID = 4  # the 112 px image's grid of visual tokens
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # id 0 is the image placeholder
 WORD_IDS = {"closer": 20, "left": 21, "right": 22, "leftmost": 23, "rightmost": 24, "or": 25, "end": 26}
-VOCAB = 32
+WORD_IDS |= {"objects": 27} | {shape: 28 + k for k, shape in enumerate(SHAPES)}
+NUMBER_IDS = range(40, 46)  # 0-5
+VOCAB = 48
 
 
 def cell_facts(scene: Scene) -> torch.Tensor:
@@ -97,6 +100,11 @@ def question(task: str, scene: Scene, rng: np.random.Generator) -> tuple[list[in
         return [WORD_IDS[side], colour[i], WORD_IDS["or"], colour[j]], colour[farther]
     if task == "leftmost":
         return [WORD_IDS[side + "most"]], colour[pick(range(len(objs)), key=xs.__getitem__)]
+    if task == "count":  # the main job's mix: a third "how many objects", else one shape
+        if rng.random() < 1 / 3:
+            return [WORD_IDS["objects"]], NUMBER_IDS[len(objs)]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        return [WORD_IDS[shape]], NUMBER_IDS[sum(o.shape == shape for o in objs)]
     raise ValueError(f"--task: unknown {task!r}")
 
 
@@ -171,7 +179,7 @@ class Probe:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="relchoice", choices=("closer", "relchoice", "leftmost"))
+    p.add_argument("--task", default="relchoice", choices=("closer", "relchoice", "leftmost", "count"))
     p.add_argument("--features", default="vit", choices=("vit", "vit+pos", "oracle", "oracle-nocol"))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="questions a step")
