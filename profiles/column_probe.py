@@ -12,6 +12,8 @@ Tasks (the answer is one colour, or a number for count):
     relchoice  "left|right A or B": the one farther to that side (relation as a choice)
     leftmost   "leftmost|rightmost": the object farthest to that side
     count      "how many objects" or "how many <shape>s", as the main job asks them
+    relcot     relchoice answered with a thought first: the grid column of A, then of B, then the
+               colour (the loss on all three; held-out accuracy scores the colour of a greedy answer)
 
 What the visual tokens are (--features):
     vit        the adapter's outputs, as in the model
@@ -55,7 +57,8 @@ COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # id 0 is the image place
 WORD_IDS = {"closer": 20, "left": 21, "right": 22, "leftmost": 23, "rightmost": 24, "or": 25, "end": 26}
 WORD_IDS |= {"objects": 27} | {shape: 28 + k for k, shape in enumerate(SHAPES)}
 NUMBER_IDS = range(40, 46)  # 0-5
-VOCAB = 48
+COLUMN_IDS = range(46, 46 + GRID)  # an object's grid column, for relcot's thought
+VOCAB = 52
 
 
 def cell_facts(scene: Scene) -> torch.Tensor:
@@ -76,8 +79,14 @@ def cell_facts(scene: Scene) -> torch.Tensor:
     return torch.from_numpy(facts)
 
 
-def question(task: str, scene: Scene, rng: np.random.Generator) -> tuple[list[int], int] | None:
-    """(question ids, answer id) of ``task`` about ``scene``; None if the scene has no such pair."""
+def grid_column(scene: Scene, k: int) -> int:
+    """The visual-token column holding the middle of object k's visible pixels."""
+    cols = np.nonzero(scene.ids == k)[1]
+    return int(cols.mean() * GRID // scene.ids.shape[1])
+
+
+def question(task: str, scene: Scene, rng: np.random.Generator) -> tuple[list[int], list[int]] | None:
+    """(question ids, answer ids) of ``task`` about ``scene``; None if the scene has no such pair."""
     objs = scene.objects
     xs = [float(scene.camera.to_camera(o.center)[0]) for o in objs]
     pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs)) if i != j]
@@ -88,27 +97,29 @@ def question(task: str, scene: Scene, rng: np.random.Generator) -> tuple[list[in
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]
         near = i if scene.depth(i) < scene.depth(j) else j
-        return [WORD_IDS["closer"], colour[i], WORD_IDS["or"], colour[j]], colour[near]
+        return [WORD_IDS["closer"], colour[i], WORD_IDS["or"], colour[j]], [colour[near]]
     side = "left" if rng.random() < 0.5 else "right"
     pick = min if side == "left" else max
-    if task == "relchoice":
+    if task in ("relchoice", "relcot"):
         pairs = [(i, j) for i, j in pairs if abs(xs[i] - xs[j]) >= LATERAL_GAP]
         if not pairs:
             return None
         i, j = pairs[int(rng.integers(len(pairs)))]
-        farther = pick((i, j), key=xs.__getitem__)
-        return [WORD_IDS[side], colour[i], WORD_IDS["or"], colour[j]], colour[farther]
+        answer = [colour[pick((i, j), key=xs.__getitem__)]]
+        if task == "relcot":
+            answer = [COLUMN_IDS[grid_column(scene, i)], COLUMN_IDS[grid_column(scene, j)], *answer]
+        return [WORD_IDS[side], colour[i], WORD_IDS["or"], colour[j]], answer
     if task == "leftmost":
-        return [WORD_IDS[side + "most"]], colour[pick(range(len(objs)), key=xs.__getitem__)]
+        return [WORD_IDS[side + "most"]], [colour[pick(range(len(objs)), key=xs.__getitem__)]]
     if task == "count":  # the main job's mix: a third "how many objects", else one shape
         if rng.random() < 1 / 3:
-            return [WORD_IDS["objects"]], NUMBER_IDS[len(objs)]
+            return [WORD_IDS["objects"]], [NUMBER_IDS[len(objs)]]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
-        return [WORD_IDS[shape]], NUMBER_IDS[sum(o.shape == shape for o in objs)]
+        return [WORD_IDS[shape]], [NUMBER_IDS[sum(o.shape == shape for o in objs)]]
     raise ValueError(f"--task: unknown {task!r}")
 
 
-def make_set(task: str, n: int, seed: int) -> list[tuple[ImagePatches, torch.Tensor, list[int], int]]:
+def make_set(task: str, n: int, seed: int) -> list[tuple[ImagePatches, torch.Tensor, list[int], list[int]]]:
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
@@ -141,45 +152,66 @@ class Probe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    def logits(self, items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Answer logits (B, V), answers (B,), and the MoE auxiliary loss."""
+    def visual_tokens(self, items) -> torch.Tensor:
+        """(16 B, D): what fills the image placeholders."""
         if self.features.startswith("oracle"):
             facts = torch.cat([it[1] for it in items])
             if self.features == "oracle-nocol":
                 facts = facts.clone()
                 facts[:, 8:16] = 0
-            visual = facts @ self.oracle
-        else:
-            images = pack_images([it[0] for it in items])
-            with torch.no_grad():
-                feats = self.model.vit(images.patches, images.pos_hw, images.cu_seqlens, images.max_seqlen)
-            visual = self.model.adapter(feats)
-            if self.features == "vit+pos":
-                visual = visual + grid_code(images.pos_hw, visual.shape[1]) * 3 * visual.detach().std()
-            elif self.features != "vit":
-                raise ValueError(f"--features: unknown {self.features!r}")
-        seqs = [[0] * GRID * GRID + it[2] + [WORD_IDS["end"]] for it in items]
+            return facts @ self.oracle
+        images = pack_images([it[0] for it in items])
+        with torch.no_grad():
+            feats = self.model.vit(images.patches, images.pos_hw, images.cu_seqlens, images.max_seqlen)
+        visual = self.model.adapter(feats)
+        if self.features == "vit+pos":
+            return visual + grid_code(images.pos_hw, visual.shape[1]) * 3 * visual.detach().std()
+        if self.features != "vit":
+            raise ValueError(f"--features: unknown {self.features!r}")
+        return visual
+
+    def forward(self, items, tails: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (T, V) of the sequences visual tokens + question + end + tail, their document
+        ends (B+1,), and the MoE auxiliary loss."""
+        seqs = [
+            [0] * GRID * GRID + it[2] + [WORD_IDS["end"]] + tail
+            for it, tail in zip(items, tails, strict=True)
+        ]
         lens = torch.tensor([len(s) for s in seqs])
         ids = torch.tensor([t for s in seqs for t in s])
-        embeds = self.model.llm.embed(ids).masked_scatter((ids == 0).unsqueeze(-1), visual)
-        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        embeds = self.model.llm.embed(ids).masked_scatter((ids == 0).unsqueeze(-1), self.visual_tokens(items))
+        cu = F.pad(lens.cumsum(0), (1, 0))
         positions = torch.cat([torch.arange(int(n)) for n in lens])
-        out = self.model.llm(None, positions, cu, int(lens.max()), inputs_embeds=embeds)
-        aux = 0.01 * out.load_balancing_loss + 1e-3 * out.router_z_loss
-        return out.logits[cu[1:].long() - 1], torch.tensor([it[3] for it in items]), aux
+        out = self.model.llm(None, positions, cu.to(torch.int32), int(lens.max()), inputs_embeds=embeds)
+        return out.logits, cu, 0.01 * out.load_balancing_loss + 1e-3 * out.router_z_loss
+
+    def loss(self, items) -> torch.Tensor:
+        """Cross-entropy of every answer id, teacher-forced, plus the MoE auxiliary loss."""
+        logits, cu, aux = self.forward(items, [it[3][:-1] for it in items])
+        rows = [int(cu[b + 1]) - len(it[3]) + k for b, it in enumerate(items) for k in range(len(it[3]))]
+        answers = torch.tensor([a for it in items for a in it[3]])
+        return F.cross_entropy(logits[rows].float(), answers) + aux
 
     @torch.no_grad()
     def accuracy(self, items) -> float:
-        hits = []
+        """Share of greedy answers whose last id (the colour or number) is right."""
+        hits = 0
         for k in range(0, len(items), 100):
-            logits, answers, _ = self.logits(items[k : k + 100])
-            hits.append((logits.argmax(-1) == answers).float())
-        return torch.cat(hits).mean().item()
+            batch = items[k : k + 100]
+            tails: list[list[int]] = [[] for _ in batch]
+            for _ in range(len(batch[0][3])):
+                logits, cu, _ = self.forward(batch, tails)
+                for tail, row in zip(tails, logits[cu[1:] - 1].argmax(-1).tolist(), strict=True):
+                    tail.append(row)
+            hits += sum(tail[-1] == it[3][-1] for tail, it in zip(tails, batch, strict=True))
+        return hits / len(items)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="relchoice", choices=("closer", "relchoice", "leftmost", "count"))
+    p.add_argument(
+        "--task", default="relchoice", choices=("closer", "relchoice", "leftmost", "count", "relcot")
+    )
     p.add_argument("--features", default="vit", choices=("vit", "vit+pos", "oracle", "oracle-nocol"))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="questions a step")
@@ -201,8 +233,7 @@ def main() -> None:
         lr = args.lr * (step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * frac)))
         for g in probe.opt.param_groups:
             g["lr"] = lr
-        logits, answers, aux = probe.logits([train[i] for i in rng.integers(len(train), size=args.batch)])
-        loss = F.cross_entropy(logits.float(), answers) + aux
+        loss = probe.loss([train[i] for i in rng.integers(len(train), size=args.batch)])
         probe.opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(probe.params, 1.0)
