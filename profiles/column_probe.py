@@ -5,7 +5,11 @@ learned in its budget (profiles/20261201_main_job_learning.md). This probe asks 
 minute a run instead of six: the tiny preset's own modules (SeedViT frozen at its random init, the
 adapter and the MoE LLM trained from scratch, as SFT from scratch), one question form per run,
 bare token sequences (16 visual tokens, a few question ids, the answer id), the loss on the
-answer only, AdamW with the SFT stage's LR and betas and a cosine schedule.
+answer only, AdamW with the SFT stage's LR, betas and weight decay. Where it differs from the
+trainer's SFT: weight decay on every parameter (the trainer spares norms and biases), a cosine to
+0 after a 5% warm-up (the trainer's ends at a floor), and a load-balancing weight of 0.01 (the
+preset's aux_loss_coef is 1e-3). The recorded runs (profiles/20261201_main_job_learning.md, ninth
+session) used exactly this.
 
 Tasks (the answer is one colour, or a number for count):
     closer     "closer A or B": the nearer of the two (the main job's closer)
@@ -59,6 +63,7 @@ WORD_IDS |= {"objects": 27} | {shape: 28 + k for k, shape in enumerate(SHAPES)}
 NUMBER_IDS = range(40, 46)  # 0-5
 COLUMN_IDS = range(46, 46 + GRID)  # an object's grid column, for relcot's thought
 VOCAB = 52
+LOAD_BALANCE_WEIGHT, Z_LOSS_WEIGHT = 0.01, 1e-3  # the MoE auxiliary losses' weights (module docstring)
 
 
 def cell_facts(scene: Scene) -> torch.Tensor:
@@ -183,7 +188,8 @@ class Probe:
         cu = F.pad(lens.cumsum(0), (1, 0))
         positions = torch.cat([torch.arange(int(n)) for n in lens])
         out = self.model.llm(None, positions, cu.to(torch.int32), int(lens.max()), inputs_embeds=embeds)
-        return out.logits, cu, 0.01 * out.load_balancing_loss + 1e-3 * out.router_z_loss
+        aux = LOAD_BALANCE_WEIGHT * out.load_balancing_loss + Z_LOSS_WEIGHT * out.router_z_loss
+        return out.logits, cu, aux
 
     def loss(self, items) -> torch.Tensor:
         """Cross-entropy of every answer id, teacher-forced, plus the MoE auxiliary loss."""
