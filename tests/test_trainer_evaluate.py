@@ -22,7 +22,7 @@ from model.vlm import SeedVLM
 from trainer.checkpoint import Checkpointer
 from trainer.components import build_model_config
 from trainer.data.manifest import ManifestDataset
-from trainer.data.spatial import KINDS, SpatialDataset, export_spatial
+from trainer.data.spatial import KINDS, SpatialDataset, ask, export_spatial, sample_scene
 from trainer.data.tokenizer import ByteTokenizer
 from trainer.evaluate import HeldOut, evaluate_spatial, load_checkpoint, main
 from trainer.gallery import write_gallery
@@ -80,14 +80,17 @@ def test_baseline_and_scores_on_a_known_set():
     fit += [("ground2d", "Box of the red cube.", "<bbox>0,0,100,100</bbox>")]
     fit += [("ground2d", "Box of the blue cube.", "<bbox>100,100,300,300</bbox>")]
     fit += [("depth", "Depth?", "3.0"), ("depth", "Depth?", "5.0"), ("closer", "A or B?", "the A")]
+    fit += [("relation", "Is A left of B?", "no")] * 3
     base = Baseline.fit(fit)
     # Majority per question, else the skill's majority; the mean box and depth; chance for choices.
     assert base.expected("count", "How many cubes are there?", "2") == (1.0, 1.0)
     assert base.expected("count", "How many spheres are there?", "3") == (1.0, 1.0)
     assert base.by_kind["ground2d"] == "<bbox>50,50,200,200</bbox>" and base.by_kind["depth"] == "4.0"
     assert base.expected("closer", "C or D?", "the D") == (0.5, 0.5)
-    assert base.expected("relation", "Is A left of B?", "yes") is None  # nothing fitted
-    assert base.rule("depth_order") == "chance 1/6"
+    # Relation's answers are balanced by construction: chance, not the per-question majority.
+    assert base.expected("relation", "Is A left of B?", "yes") == (0.5, 0.5)
+    assert base.expected("ground3d", "Centre of A?", "(0.0, 0.0, 4.0)") is None  # nothing fitted
+    assert base.rule("depth_order") == "chance 1/6" and base.rule("relation") == "chance 1/2"
 
     rec = lambda kind, q, truth, answer: EvalRecord(
         kind, q, truth, answer, graded_score(kind, answer, truth) >= (0.5 if kind == "ground2d" else 1),
@@ -116,6 +119,22 @@ def test_baseline_and_scores_on_a_known_set():
     assert scores["closer"]["baseline"] == 0.5
     assert scores["all"]["total"] == 6 and scores["all"]["correct"] == 3
     assert scores["all"]["baseline"] == pytest.approx((2 + 1 + 0.5) / 6)
+
+
+def test_chance_baselines_hold_for_the_data():
+    """The skills scored against chance balance their answers: relation says "yes" about half the
+    time, and closer's answer is the first-named object about half the time (300 scenes: 0.5 within
+    about three standard errors)."""
+    yes, first = [], []
+    for i in range(300):
+        rng = np.random.default_rng([3, i])
+        scene = sample_scene(rng)
+        if (qa := ask(scene, "relation", rng)) is not None:
+            yes.append(qa[1] == "yes")
+        if (qa := ask(scene, "closer", rng)) is not None:
+            first.append(qa[0].split(", the ")[1].startswith(qa[1] + " "))
+    assert len(yes) > 200 and len(first) > 200
+    assert 0.4 < np.mean(yes) < 0.6 and 0.4 < np.mean(first) < 0.6
 
 
 def test_held_out_scenes_are_never_trained_on():
