@@ -35,6 +35,7 @@ from model.preprocess import FACTOR, MAX_PIXELS, PackedImages, pack_images
 from model.vlm import SeedVLM
 
 from .checkpoint import Checkpointer
+from .config import RunConfig
 from .data import tokenizer as T
 from .data.chat import LEVEL_RESPONSE, Conversation, EncodeConfig, SampleError, Turn, encode_conversation
 from .data.packer import IGNORE_INDEX, PackedBatch, pack
@@ -353,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--data", default="spatial",
         help="'spatial' (held-out procedural scenes, default), 'vst' (every VST skill: single image, "
         "multi-view, video) or a JSONL manifest (its held-out split)")
-    add("--num", type=int, default=50,
-        help="questions per skill (spatial), or at most this many held-out samples (manifest); default 50")
+    add("--num", type=int, default=RunConfig.eval_samples,
+        help="questions per skill (spatial), or at most this many held-out samples (manifest); default "
+        f"{RunConfig.eval_samples}, as at the end of a run")
     add("--fraction", type=float, default=0.05, help="a manifest's held-out fraction (0.05)")
     add("--batch", type=int, default=32, help="questions answered together (32)")
     add("--device", type=device_arg, default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
