@@ -275,7 +275,9 @@ def environment(device: torch.device) -> dict:
             "sm_count": props.multi_processor_count,
         }
     else:
-        dev = {"name": platform.processor() or platform.machine() or "cpu", "driver": None}
+        from trainer.logs import cpu_model  # here: the GPU pass's environment need not hold tqdm
+
+        dev = {"name": cpu_model(), "driver": None, "threads": torch.get_num_threads()}
     try:
         import triton
 

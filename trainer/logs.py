@@ -153,20 +153,29 @@ class NullRunLog:
         pass
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("AMD EPYC 7B13"); where there is none (not Linux),
+    what the platform module knows, which is often only the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def host_info(device: torch.device) -> dict:
     """What ran the job, for summary.json: the CPU's model, torch's intra-op threads, torch's version
     and the device (with the GPU's name on CUDA). A CPU run repeats exactly on the same CPU model at
     the same thread count; another CPU or thread count sums floats in another order and ends
     elsewhere."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device)}
+    info = {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
