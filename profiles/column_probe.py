@@ -4,7 +4,7 @@ The main job's skills that need an object's image column (relation, 2D and 3D gr
 learned in its budget (profiles/20261201_main_job_learning.md). This probe asks why in about a
 minute a run instead of six: the tiny preset's own modules (SeedViT frozen at its random init, the
 adapter and the MoE LLM trained from scratch, as SFT from scratch), one question form per run,
-bare token sequences (16 visual tokens, a few question ids, the answer id), the loss on the
+bare token sequences (the visual tokens, a few question ids, the answer id), the loss on the
 answer only, AdamW with the SFT stage's LR, betas and weight decay. Where it differs from the
 trainer's SFT: weight decay on every parameter (the trainer spares norms and biases), a cosine to
 0 after a 5% warm-up (the trainer's ends at a floor), and a load-balancing weight of 0.01 (the
@@ -18,6 +18,7 @@ Tasks (the answer is one colour, or a number for count):
     count      "how many objects" or "how many <shape>s", as the main job asks them
     relcot     relchoice answered with a thought first: the grid column of A, then of B, then the
                colour (the loss on all three; held-out accuracy scores the colour of a greedy answer)
+    locate     "where A": the grid column of the named object (binding without a comparison)
 
 What the visual tokens are (--features):
     vit        the adapter's outputs, as in the model
@@ -27,11 +28,15 @@ What the visual tokens are (--features):
                cell, whether one does, the cell's row and column one-hot): perfect features
     oracle-nocol  the same without row and column
 
+--size sets the image side (a multiple of 28; the main job's is 112, a 4 x 4 grid of visual
+tokens; 224 gives 8 x 8, where an object covers about four times as many tokens).
+
 --vit-init RUN starts the ViT from a ViT pre-training run (python trainer/run.py --recipe vit)
 instead of its random init; it stays frozen either way.
 
     python profiles/column_probe.py --task relchoice --features oracle --steps 1500
     python profiles/column_probe.py --task leftmost --vit-init runs/vit-seedvl-tiny
+    python profiles/column_probe.py --task locate --features vit+pos --size 224
 """
 
 from __future__ import annotations
@@ -53,34 +58,35 @@ from model.config import get_preset
 from model.preprocess import ImagePatches, pack_images, patchify
 from model.vlm import SeedVLM
 from trainer.data.render import COLORS, SHAPES
-from trainer.data.spatial import DEPTH_GAP, LATERAL_GAP, Scene, sample_scene
+from trainer.data.spatial import DEPTH_GAP, LATERAL_GAP, Scene, SpatialConfig, sample_scene
 from trainer.vit_pretrain.export import load_pretrained_vit
 
-GRID = 4  # the 112 px image's grid of visual tokens
+GRID = 4  # the image's grid of visual tokens: side / 28 (--size)
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLORS)}  # id 0 is the image placeholder
-WORD_IDS = {"closer": 20, "left": 21, "right": 22, "leftmost": 23, "rightmost": 24, "or": 25, "end": 26}
+WORD_IDS = {"where": 19, "closer": 20, "left": 21, "right": 22, "leftmost": 23, "rightmost": 24}
+WORD_IDS |= {"or": 25, "end": 26}
 WORD_IDS |= {"objects": 27} | {shape: 28 + k for k, shape in enumerate(SHAPES)}
 NUMBER_IDS = range(40, 46)  # 0-5
-COLUMN_IDS = range(46, 46 + GRID)  # an object's grid column, for relcot's thought
-VOCAB = 52
+COLUMN_IDS = range(46, 54)  # an object's grid column (relcot's thought, locate's answer), up to 8
+MIN_VOCAB = 52  # ids up to 51, whatever the grid (so that 112 px runs keep their initialisation)
 LOAD_BALANCE_WEIGHT, Z_LOSS_WEIGHT = 0.01, 1e-3  # the MoE auxiliary losses' weights (module docstring)
 
 
 def cell_facts(scene: Scene) -> torch.Tensor:
-    """(16, 17) per visual-token cell: colour one-hot of the object covering >= 15% of it, column
-    one-hot, row one-hot, and whether an object covers it."""
+    """(G*G, 9 + 2G) per visual-token cell of the G x G grid: colour one-hot of the object covering
+    >= 15% of it, column one-hot, row one-hot, and whether an object covers it."""
     ids = scene.ids
     side = ids.shape[0] // GRID
-    facts = np.zeros((GRID * GRID, 17), np.float32)
+    facts = np.zeros((GRID * GRID, 9 + 2 * GRID), np.float32)
     for r in range(GRID):
         for c in range(GRID):
             block = ids[r * side : (r + 1) * side, c * side : (c + 1) * side]
             objs, counts = np.unique(block[block >= 0], return_counts=True)
             t = r * GRID + c
-            facts[t, 8 + c] = facts[t, 12 + r] = 1
+            facts[t, 8 + c] = facts[t, 8 + GRID + r] = 1
             if len(objs) and counts.max() > 0.15 * block.size:
                 facts[t, list(COLORS).index(scene.objects[int(objs[counts.argmax()])].color)] = 1
-                facts[t, 16] = 1
+                facts[t, -1] = 1
     return torch.from_numpy(facts)
 
 
@@ -114,6 +120,9 @@ def question(task: str, scene: Scene, rng: np.random.Generator) -> tuple[list[in
         if task == "relcot":
             answer = [COLUMN_IDS[grid_column(scene, i)], COLUMN_IDS[grid_column(scene, j)], *answer]
         return [WORD_IDS[side], colour[i], WORD_IDS["or"], colour[j]], answer
+    if task == "locate":  # the grid column of a named object
+        k = int(rng.integers(len(objs)))
+        return [WORD_IDS["where"], colour[k]], [COLUMN_IDS[grid_column(scene, k)]]
     if task == "leftmost":
         return [WORD_IDS[side + "most"]], [colour[pick(range(len(objs)), key=xs.__getitem__)]]
     if task == "count":  # the main job's mix: a third "how many objects", else one shape
@@ -128,7 +137,7 @@ def make_set(task: str, n: int, seed: int) -> list[tuple[ImagePatches, torch.Ten
     rng = np.random.default_rng(seed)
     out = []
     while len(out) < n:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, SpatialConfig(sizes=(GRID * 28,)))
         qa = question(task, scene, rng)
         if qa is not None:
             out.append((patchify(scene.image), cell_facts(scene), *qa))
@@ -148,22 +157,23 @@ class Probe:
     def __init__(self, features: str, seed: int, lr: float, vit_init: str | None = None) -> None:
         torch.manual_seed(seed)
         cfg = get_preset("seedvl-tiny")
-        cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=VOCAB), image_token_id=0)
+        vocab = max(MIN_VOCAB, COLUMN_IDS.start + GRID)
+        cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=vocab), image_token_id=0)
         self.model, self.features = SeedVLM(cfg), features
         if vit_init:
             load_pretrained_vit(vit_init, self.model.vit)
         self.model.vit.requires_grad_(False)
-        self.oracle = torch.randn(17, cfg.llm.hidden) * 0.5
+        self.oracle = torch.randn(9 + 2 * GRID, cfg.llm.hidden) * 0.5
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def visual_tokens(self, items) -> torch.Tensor:
-        """(16 B, D): what fills the image placeholders."""
+        """(G*G B, D): what fills the image placeholders."""
         if self.features.startswith("oracle"):
             facts = torch.cat([it[1] for it in items])
             if self.features == "oracle-nocol":
                 facts = facts.clone()
-                facts[:, 8:16] = 0
+                facts[:, 8:-1] = 0
             return facts @ self.oracle
         images = pack_images([it[0] for it in items])
         with torch.no_grad():
@@ -215,9 +225,8 @@ class Probe:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--task", default="relchoice", choices=("closer", "relchoice", "leftmost", "count", "relcot")
-    )
+    tasks = ("closer", "relchoice", "leftmost", "count", "relcot", "locate")
+    p.add_argument("--task", default="relchoice", choices=tasks)
     p.add_argument("--features", default="vit", choices=("vit", "vit+pos", "oracle", "oracle-nocol"))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=64, help="questions a step")
@@ -226,8 +235,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vit-init", help="a ViT pre-training run to start the ViT from (default: random init)")
     p.add_argument("--every", type=int, default=100, help="held-out accuracy (300 questions) every N steps")
+    p.add_argument("--size", type=int, default=112, help="image side in px, a multiple of 28")
     args = p.parse_args()
     torch.set_num_threads(1)
+    global GRID
+    GRID = args.size // 28
 
     t0 = time.time()
     train, test = make_set(args.task, args.train, 1000 + args.seed), make_set(args.task, 300, 99)
