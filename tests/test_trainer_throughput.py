@@ -1,7 +1,9 @@
 """Model FLOPs per micro-batch (the MFU numerator) against an independent count from the model's
-own modules, and stage throughput as tokens over time."""
+own modules, stage throughput as tokens over time, and the host named next to such numbers."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,3 +63,19 @@ def test_stage_rate_is_tokens_over_time():
         {"stage": "s", "loss": 1.0, "tokens": 100, "step_s": 9.0, "tok_per_s": 100 / 9},
     ]
     assert stage_summary(records)[0]["tok_per_s"] == 200 / 10
+
+
+def test_host_names_the_cpu_model():
+    """summary.json's host and the benchmark records name the CPU by its model, as /proc/cpuinfo
+    gives it (platform.processor() is often empty on Linux), and a bench record its thread count."""
+    from bench import harness
+    from trainer.logs import cpu_model, host_info
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.partition(":")[2].strip() for line in lines if line.startswith("model name")]
+    name = cpu_model()
+    assert name and (not models or name == models[0])
+    assert host_info(torch.device("cpu"))["cpu"] == name
+    device = harness.environment(torch.device("cpu"))["device"]
+    assert device == {"name": name, "driver": None, "threads": torch.get_num_threads()}
