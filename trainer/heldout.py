@@ -21,7 +21,7 @@ the answers by construction, so that no blind rule beats it: choices among the o
 names (closer 1/2, depth_order 1/6: questions list their objects in random order) and relation's
 yes/no (1/2: a random ordered pair and a random side). A majority fitted per question would be
 noise there, since nearly every relation question names its own pair of objects: on the default
-run's held-out set it scored 0.42, where answering "yes" to everything scored 0.56.
+run's 50 held-out relation questions it scored 0.42, where answering "yes" to all scored 0.56.
 """
 
 from __future__ import annotations
