@@ -30,7 +30,11 @@ Columns:
 - waits: the distinct N of ``wgmma.wait_group N`` (SASS ``WARPGROUP.DEPBAR.LE gsb0, N``). With N >= 1
   a loop issues its next wgmma group while N are still running (N + 1 in flight); waits of 0 only
   mean every group is drained before the next is issued (tensor cores idle during the softmax or
-  epilogue math between them).
+  epilogue math between them), unless other warpgroups of the CTA issue their own.
+- MMA partitions: in a warp-specialized Triton kernel (``ttg.warp_specialize`` in its TTGIR), the
+  partitions that issue wgmma (``ttng.warp_group_dot``), each its own warpgroup with its own waits;
+  ``in flight`` is then per CTA: (max N + 1) x partitions. Threads and occupancy count every
+  partition's warps (the compiled kernel's num_warps, not the launch's).
 - instruction mix (its own table): static SASS instructions of the kernel, its MUFU ones by function
   (EX2, RCP, ...), its wgmma ones by MxNxK shape (the tensor-core work of one pass through the code),
   its local-memory ones (LDL/STL: spills, or the stack of an accurate sin/cos's
@@ -50,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -88,6 +93,8 @@ HOT_TRITON = (
     "varlen_attention: fwd D=128 rope=0 causal=1 128x64 w8 s2",
     "varlen_attention: dkdv D=128 rope=0 causal=1 32x64 w8 s2",
     "varlen_attention: dq D=128 rope=0 causal=1 64x32 w4 s2",
+    "varlen_attention: fwd_ws D=64 rope=1 causal=0 128x64 w4 s2",  # warp-specialized: 2 consumers
+    "varlen_attention: fwd_ws D=128 rope=0 causal=1 128x64 w4 s2",
     "grouped_gemm: qwen3-30b-a3b M-grouped (gate_up fwd)",
     "grouped_gemm: qwen3-30b-a3b K-grouped (dW gate_up)",
     "grouped_gemm: qwen3-30b-a3b K-grouped (dW down)",  # pipelined since its row scale moved onto A
@@ -122,6 +129,7 @@ class Row:
     local_mem: int | None = None  # LDL/STL instructions
     sincos: int | None = None  # sin/cos operations in the TTGIR (Triton kernels)
     hgmma: dict[str, int] | None = None  # wgmma instructions by MxNxK shape
+    mma_partitions: int | None = None  # warp-specialized partitions issuing wgmma (None: not specialized)
 
     @property
     def key(self) -> str:
@@ -129,8 +137,11 @@ class Row:
 
     @property
     def in_flight(self) -> int | None:
-        """wgmma groups a loop can have in flight when it issues the next one (None: no wgmma)."""
-        return max(self.waits, default=0) + 1 if self.mma == "wgmma" else None
+        """wgmma groups a CTA can have in flight when one of its warpgroups issues the next one (None:
+        no wgmma): per issuing warpgroup max N + 1, times the warpgroups that issue independently."""
+        if self.mma != "wgmma":
+            return None
+        return (max(self.waits, default=0) + 1) * (self.mma_partitions or 1)
 
 
 # ----------------------------------------------------------------------------- occupancy
@@ -238,6 +249,18 @@ def sass_counts(sass: str) -> dict[str, tuple[int, dict[str, int], int, dict[str
     return out
 
 
+_PARTITION = re.compile(r"^\s*(?:default \{|partition\d+\()", re.M)
+
+
+def ttgir_mma_partitions(ttgir: str) -> int | None:
+    """Partitions of a warp-specialized kernel (regions of its ``ttg.warp_specialize``) that issue
+    wgmma (``ttng.warp_group_dot``); None when the kernel is not warp-specialized."""
+    if "ttg.warp_specialize" not in ttgir:
+        return None
+    starts = [m.start() for m in _PARTITION.finditer(ttgir)] + [len(ttgir)]
+    return sum("ttng.warp_group_dot" in ttgir[a:b] for a, b in itertools.pairwise(starts))
+
+
 def ttgir_sincos(ttgir: str) -> int:
     """sin/cos operations in a Triton kernel's TTGIR (math.sin / math.cos)."""
     return len(re.findall(r"= math\.(?:sin|cos) ", ttgir))
@@ -280,7 +303,7 @@ def triton_launches(hot: bool) -> list:
     if not hot:
         cases.append((llm_d, 4096, False, True, True, True))  # ring attention's fp32 partial outputs
         cases.append((80, 4096, True, False, True, False))  # Qwen2-VL's ViT: a split head dim (64 + 16)
-    todo = list(aot.attention_launches(bf16, cases))
+    todo = list(aot.attention_launches(bf16, cases)) + list(aot.attention_ws_launches(bf16, cases))
     todo += list(aot.moe_launches(bf16, ["qwen3-30b-a3b"] if hot else list(aot.MOE_PRESETS)))
     todo += list(aot.OPS["pool_adapter"](bf16, True)) + list(aot.OPS["rope_2d"](bf16, True))
     if not hot:
@@ -328,12 +351,13 @@ def triton_row(launch) -> Row:
         (instrs, mufu, local, hgmma), *_ = sass_counts(sass).values()
     if regs_ptxas is not None and regs_ptxas != regs:
         raise RuntimeError(f"{launch.label}: ptxas -v says {regs_ptxas} registers, the cubin {regs}")
-    threads = launch.num_warps * 32
+    threads = compiled.metadata.num_warps * 32  # every partition's warps when warp-specialized
     smem = compiled.metadata.shared
     ctas, warps, limit = occupancy(regs, smem, threads)
     return Row(
         "triton", launch.op, name, launch.label, regs, spill, stack, smem, threads, ctas, warps, limit,
         mma, waits, "; ".join(warnings), instrs, mufu, local, ttgir_sincos(compiled.asm["ttgir"]), hgmma,
+        ttgir_mma_partitions(compiled.asm["ttgir"]),
     )  # fmt: skip
 
 
@@ -451,7 +475,8 @@ def regressions(baseline: dict, rows: list[dict], expected: list[str] = ()) -> l
 
     A kernel newly spills, or spills more than the known spill the baseline explains; loses its
     tensor-core MMA or falls back from wgmma to mma.sync; stops keeping more than one wgmma group in
-    flight; evaluates sin/cos where the baseline has none (the attention kernels read RoPE's table);
+    flight (a pipelined loop's waits drop to 0, or a warp-specialized kernel has fewer partitions
+    issuing wgmma); evaluates sin/cos where the baseline has none (the attention kernels read RoPE's table);
     or (``expected``: keys that must be present) did not compile at all.
     """
     known = {k: why for k, why in baseline.get("known_spills", {}).items() if why.strip()}
@@ -476,6 +501,9 @@ def regressions(baseline: dict, rows: list[dict], expected: list[str] = ()) -> l
         if r["mma"] == b["mma"] == "wgmma" and b_flight >= 1 and flight == 0:
             was, now = b.get("waits"), r.get("waits")
             out.append(f"{k}: wgmma wait_group values {was} -> {now} (no longer pipelined)")
+        if (r.get("mma_partitions") or 0) < (b.get("mma_partitions") or 0):
+            was, now = b["mma_partitions"], r.get("mma_partitions")
+            out.append(f"{k}: {was} -> {now} warp-specialized partitions issuing wgmma (specialization lost)")
         if b.get("sincos") == 0 and r.get("sincos"):
             out.append(f"{k}: {r['sincos']} sin/cos operations, the baseline has none (computed again?)")
     return out
@@ -550,7 +578,8 @@ def summary(rows: list[Row]) -> list[str]:
     spill = [r for r in rows if r.spill]
     full = [r for r in rows if (r.regs or 0) >= 240]
     serial = [r for r in wgmma if r.in_flight == 1]
-    piped = [r for r in wgmma if (r.in_flight or 0) > 1]
+    piped = [r for r in wgmma if (r.in_flight or 0) > 1 and not r.mma_partitions]
+    specialized = [r for r in wgmma if r.mma_partitions]
     sync = [r for r in rows if r.mma == "mma.sync"]
     low = [r for r in rows if r.mma != "none" and r.warps_per_sm <= 4]
     warned = [f"{r.key}: {r.notes}" for r in rows if r.notes and r.source == "triton"]
@@ -561,6 +590,9 @@ def summary(rows: list[Row]) -> list[str]:
         ("wgmma not pipelined (only `wait_group 0`: each group is drained before the next is issued)",
          _names(serial, rows)),
         ("wgmma pipelined (a `wait_group` N >= 1)", _names(piped, rows)),
+        ("Warp-specialized (a TMA producer warpgroup; wgmma from several consumer warpgroups, so one's MMAs "
+         "run while another's softmax does)",
+         _names(specialized, rows, lambda r: f" ({r.mma_partitions} consumers, {r.in_flight} in flight)")),
         ("mma.sync on sm_90a (Ampere-style tensor-core code, no wgmma)", _names(sync, rows)),
         ("4 warps/SM or fewer", _names(low, rows, lambda r: f" ({r.limit})")),
         ("ptxas performance warnings", warned),
@@ -569,10 +601,12 @@ def summary(rows: list[Row]) -> list[str]:
     out = [f"- **{title}**: " + "; ".join(items) + "." for title, items in bullets if items]
     if any(r.op == "varlen_attention" and r.in_flight == 1 for r in wgmma):
         out.append(
-            "- In attention each iteration's P·V needs the softmax of its Q·Kᵀ, and the next tile's Q·Kᵀ is "
-            "not issued ahead of that softmax, so the tensor cores wait on it every iteration; issuing the "
-            "next Q·Kᵀ before the softmax (FlashAttention-3's intra-warpgroup overlap) is what would change "
-            "these wait values."
+            "- In the plain attention kernels each iteration's P·V needs the softmax of its Q·Kᵀ, and the "
+            "next tile's Q·Kᵀ is not issued ahead of that softmax, so the tensor cores wait on it every "
+            "iteration. The warp-specialized forward (`_varlen_attention_fwd_ws_kernel`, "
+            "$SEEDVL_ATTENTION_WS=1) splits the query tile between two consumer warpgroups instead "
+            "(FlashAttention-3's inter-warpgroup overlap); issuing the next Q·Kᵀ before the softmax "
+            "(its intra-warpgroup overlap) is what would change the wait values themselves."
         )
     return out
 
@@ -586,7 +620,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "the docstring of `profiles/kernel_report.py` for where each column comes from.",
         "",
         "Occupancy is for H100/H200 (64K registers, 228 KB shared memory, 64 warps per SM). `in flight`:",
-        "wgmma groups a loop keeps running while it issues the next (max wait_group N + 1). `spill B`:",
+        "wgmma groups a CTA keeps running while it issues the next (max wait_group N + 1, times the",
+        "consumer warpgroups of a warp-specialized kernel, which issue theirs independently). `spill B`:",
         "ptxas spill stores + loads; the stack frame in brackets (the CUDA rope_2d kernels' 32 B is",
         "sin/cos argument reduction, not a spill).",
         "",

@@ -229,6 +229,29 @@ def attention_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterat
                 )  # fmt: skip
 
 
+def attention_ws_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterator[Launch]:
+    """The warp-specialized forward ($SEEDVL_ATTENTION_WS=1) for each case, every config. q arrives
+    rotated, so RoPE only names the case; the launch's num_warps is per partition."""
+    from seedvl_kernels import varlen_attention_triton as vat
+    from seedvl_kernels.varlen_attention_triton_common import WS_TUNE_KEY
+
+    for d, max_seqlen, rope, causal, all_configs, fp32_out in cases:
+        tiles = vat.tiles_for(torch.device("cuda"), d, max_seqlen, max_seqlen)
+        args = vat._kernel_args(d, False, causal, tiles.fwd_m, tiles.fwd_n, dtype)
+        consts = {n: args[n] for n in (*WS_TUNE_KEY, "BLOCK_DA", "BLOCK_DB", "SPLIT_D")}
+        consts["WARP_SPECIALIZE"] = True
+        kernel = vat._varlen_attention_fwd_ws_kernel
+        for cfg in kernel.configs if all_configs else kernel.configs[:1]:
+            label = (
+                f"fwd_ws D={d} rope={rope:d} causal={causal:d} {tiles.fwd_m}x{tiles.fwd_n}"
+                f"{' fp32 out' if fp32_out else ''} w{cfg.num_warps} s{cfg.num_stages}"
+            )
+            yield Launch(
+                "varlen_attention", label, kernel, consts, cfg.num_warps, cfg.num_stages,
+                unaligned=_ATTENTION_UNALIGNED, pointers={"out_ptr": "*fp32"} if fp32_out else {},
+            )  # fmt: skip
+
+
 def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
     if quick:
         cases = [(64, 4096, True, True, True, False), (128, 4096, False, False, False, False)]
@@ -243,6 +266,7 @@ def _varlen_attention(dtype: torch.dtype, quick: bool) -> Iterator[Launch]:
         ]
         cases += [(64, 64, True, False, True, False), (128, 4096, False, True, True, True)]
     yield from attention_launches(dtype, cases)
+    yield from attention_ws_launches(dtype, cases)
     yield from attention_aux_launches()
 
 

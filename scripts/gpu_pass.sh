@@ -184,6 +184,12 @@ for splits in (rule(tiles, hkv, hq // hkv, vat._num_sms(dev)), 1):
     print(json.dumps({"op": "varlen_attention_bwd", "case": "1x2k causal Hq32 Hkv4 D128 bf16",
                       "dkdv_splits": splits, "key_tiles": tiles, "ms": ms}))
 PY
+  # Issue 19: the warp-specialized attention forward (profiles/varlen_attention_pipelining.md): the
+  # curated attention rows again with $SEEDVL_ATTENTION_WS=1 (bench_ws.jsonl), against bench.jsonl's
+  # plain-kernel rows and FlashAttention in the same file.
+  SEEDVL_ATTENTION_WS=1 SEEDVL_BENCH_JSONL="$OUT/bench_ws.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_ws" \
+    SEEDVL_BENCH_PEERS=torch_varlen "$PY" -m pytest bench/bench_varlen_attention.py -q -rs -p no:cacheprovider \
+    --benchmark-disable -k "(1k_images or llm_causal_gqa) and triton and not no_rope" || rc=$?
   # Issue 19, MoE (profiles/grouped_gemm.md), last so that a cut-off stage loses these first. The
   # curated triton fwd rows again: with the persistent M-grouped kernel (bench_persistent.jsonl), and
   # with the tile search keyed on (N, K, dtype) instead of the pinned heuristic (bench_search.jsonl);

@@ -20,7 +20,10 @@ Forward (FlashAttention-2 online softmax, exp2 with softmax_scale * log2(e) fold
 One program per (query tile, head); it walks the keys its rows can see: non-causal all Lk, causal up
 to the bottom-right diagonal. Key blocks seen by every row of the tile run without masks; only the
 last partial block (and, causal, the blocks crossing the diagonal) pay for masking. Query head h
-reads KV head h // (Hq / Hkv).
+reads KV head h // (Hq / Hkv). With $SEEDVL_ATTENTION_WS=1 on sm_90+ (``warp_specialized``) the same
+schedule runs the warp-specialized kernel of ``varlen_attention_triton_fwd_ws`` instead: K and V
+through TMA descriptors, a producer warpgroup and two consumer warpgroups, one masked key loop, q
+rotated before the launch.
 
 Backward (deterministic: no atomics, fixed reduction order).
 1. preprocess: delta = rowsum(dO * O) - dlse and lse2 = lse * log2(e) (+inf where lse is -inf, so
@@ -75,6 +78,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +92,17 @@ from .varlen_attention_triton_bwd import (
     _varlen_attention_bwd_dq_kernel,
     _varlen_attention_bwd_preprocess_kernel,
 )
-from .varlen_attention_triton_common import TUNE_KEY, _varlen_attention_schedule_kernel, shape_class
+from .varlen_attention_triton_common import (
+    TUNE_KEY,
+    WS_TUNE_KEY,
+    _varlen_attention_schedule_kernel,
+    shape_class,
+)
 from .varlen_attention_triton_fwd import _varlen_attention_fwd_kernel
+from .varlen_attention_triton_fwd_ws import _varlen_attention_fwd_pad_kernel, _varlen_attention_fwd_ws_kernel
 
 LOG2E = math.log2(math.e)
+WS_ENV = "SEEDVL_ATTENTION_WS"
 PAD_ROWS = 256  # rows of padding zeroed by one padding program (all heads)
 MAX_HEAD_DIM = 256
 SCHEDULE_CHUNK = 1024  # tiles resolved per step of the schedule kernel's binary search
@@ -259,6 +270,50 @@ def _kernel_args(d: int, rope: bool, causal: bool, block_m: int, block_n: int, d
     )
 
 
+def warp_specialized(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether launch_fwd runs the warp-specialized forward (varlen_attention_triton_fwd_ws):
+    $SEEDVL_ATTENTION_WS=1 (default 0: no GPU has timed it against the plain kernel yet), on an
+    sm_90+ GPU with fp16/bf16 inputs (or under the interpreter, any dtype), and q, k, v laid out as
+    TMA needs (``tma_compatible``). Any other case runs the plain forward."""
+    value = os.environ.get(WS_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"${WS_ENV}: expected 0 or 1, got {value!r}")
+    if value == "0":
+        return False
+    if not _backends.triton_interpret():
+        if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+            return False
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return False
+    return all(tma_compatible(t) for t in (q, k, v))
+
+
+def tma_compatible(x: torch.Tensor) -> bool:
+    """A (T, H, D) tensor whose per-(sequence, head) row blocks a TMA descriptor can address: unit
+    stride along D, 16-byte aligned base, token and head strides, and D of at least 16 bytes."""
+    e = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and (x.stride(0) * e) % 16 == 0
+        and (x.stride(1) * e) % 16 == 0
+        and x.shape[-1] * e >= 16
+    )
+
+
+_TMA_ALLOCATOR_SET = False
+
+
+def _tma_allocator() -> None:
+    """Device-side tensor descriptors need global scratch (128 B each) from Triton's allocator."""
+    global _TMA_ALLOCATOR_SET
+    if not _TMA_ALLOCATOR_SET:
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+        )
+        _TMA_ALLOCATOR_SET = True
+
+
 def launch_fwd(
     q, k, v, p, out: torch.Tensor, lse: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor
 ) -> None:
@@ -271,19 +326,49 @@ def launch_fwd(
     rope = p.pos_hw is not None
     tiles = tiles_for(q.device, D, p.max_seqlen_q, p.max_seqlen_k)
     cs = q  # a dummy without RoPE (never read)
+    ws = warp_specialized(q_rot if rope else q, k_rot if rope else k, v)  # the tensors it would read
     if rope:  # k rotated and the per-token sin/cos table written, in one launch
         cs = cos_sin_table(p.pos_hw, D, p.rope_theta, x=k, out=k_rot)
         k = k_rot
+        if ws:  # the warp-specialized kernel reads q rotated (rope_2d's rounding, as the plain kernel's)
+            cos_sin_table(p.pos_hw, D, p.rope_theta, x=q, out=q_rot)
     (sched,) = _schedules([(p.cu_seqlens_q, p.cu_seqlens_k, T, p.max_seqlen_q, tiles.fwd_m)])
     q_rot_ = q_rot if rope else out
+    num_seqs = p.cu_seqlens_q.numel() - 1
+    if ws:
+        _launch_fwd_ws(q_rot if rope else q, k, v, p, out, lse, q_rot_, rope, tiles, sched, num_seqs)
+        return
     grid = (sched.num_table * Hq + triton.cdiv(T, PAD_ROWS),)
     _varlen_attention_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_, sched.records, sched.table, p.cu_seqlens_q, cs,
-        p.cu_seqlens_q.numel() - 1, sched.num_table, T, Hq, Hq // Hkv, p.softmax_scale * LOG2E,
+        num_seqs, sched.num_table, T, Hq, Hq // Hkv, p.softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), q_rot_.stride(0), q_rot_.stride(1),
         ROPE_ROWS=min(tiles.rope_rows, tiles.fwd_m),
         **_kernel_args(D, rope, p.causal, tiles.fwd_m, tiles.fwd_n, q.dtype),
+    )  # fmt: skip
+
+
+def _launch_fwd_ws(q, k, v, p, out, lse, q_rot_, rope: bool, tiles: Tiles, sched: _Schedule, num_seqs: int):
+    """The warp-specialized forward (q and k already rotated with RoPE), then its padding rows."""
+    T, Hq, D = q.shape
+    if sched.num_table > 0:
+        if q.device.type == "cuda":
+            _tma_allocator()
+        args = _kernel_args(D, False, p.causal, tiles.fwd_m, tiles.fwd_n, q.dtype)  # q, k in natural order
+        _varlen_attention_fwd_ws_kernel[(sched.num_table * Hq,)](
+            q, k, v, out, lse, sched.records, sched.table,
+            num_seqs, sched.num_table, Hq, Hq // k.shape[1], p.softmax_scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            WARP_SPECIALIZE=not _backends.triton_interpret(),
+            **{name: args[name] for name in (*WS_TUNE_KEY, "BLOCK_DA", "BLOCK_DB", "SPLIT_D")},
+        )  # fmt: skip
+    _varlen_attention_fwd_pad_kernel[(triton.cdiv(T, PAD_ROWS),)](
+        out, lse, q_rot_, p.cu_seqlens_q, num_seqs, T, Hq,
+        out.stride(0), out.stride(1), lse.stride(0), q_rot_.stride(0), q_rot_.stride(1),
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), ROPE=rope, PAD=PAD_ROWS,
+        BLOCK_R=16 if _backends.triton_interpret() else 64,
     )  # fmt: skip
 
 
@@ -353,10 +438,12 @@ def save_tuning(path: str | Path) -> dict:
         "fwd": _varlen_attention_fwd_kernel,
         "dkdv": _varlen_attention_bwd_dkdv_kernel,
         "dq": _varlen_attention_bwd_dq_kernel,
+        "fwd_ws": _varlen_attention_fwd_ws_kernel,
     }
     for name, kernel in kernels.items():
-        for key, cfg in getattr(kernel, "cache", {}).items():  # key: TUNE_KEY values, then dtypes
-            shape = shape_class(dict(zip(TUNE_KEY, key, strict=False)), key[len(TUNE_KEY)])
+        tune_key = WS_TUNE_KEY if name == "fwd_ws" else TUNE_KEY
+        for key, cfg in getattr(kernel, "cache", {}).items():  # key: the tune key's values, then dtypes
+            shape = shape_class(dict(zip(tune_key, key, strict=False)), key[len(tune_key)], tune_key)
             gpu.setdefault(name, {})[shape] = [cfg.num_warps, cfg.num_stages]
     path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return table

@@ -19,6 +19,9 @@ _PAIRS = {
     "fwd": [(4, 2), (4, 3), (8, 2), (8, 3)],
     "dkdv": [(8, 2), (8, 3)],
     "dq": [(4, 2), (8, 2), (8, 3)],
+    # The warp-specialized forward (varlen_attention_triton_fwd_ws): num_warps is per partition (the
+    # launch runs 3 x 4 warps); Triton 3.9 leaves an 8-warp launch unpartitioned.
+    "fwd_ws": [(4, 2), (4, 3)],
 }
 
 
@@ -30,6 +33,7 @@ def configs(kernel: str) -> list[triton.Config]:
 
 
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "ROPE", "BLOCK_M", "BLOCK_N", "DOT_PREC"]
+WS_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "DOT_PREC"]  # q arrives rotated: no ROPE
 
 # Autotuning, deterministic and cheap. $SEEDVL_AUTOTUNE (read at each new shape class):
 #   "search" (default): time every config of _PAIRS once per shape class (TUNE_KEY + dtype), as
@@ -44,9 +48,10 @@ AUTOTUNE_ENV = "SEEDVL_AUTOTUNE"
 AUTOTUNE_FILE_ENV = "SEEDVL_AUTOTUNE_FILE"
 
 
-def shape_class(args: dict, dtype: object) -> str:
-    """The autotune key of one launch as text: TUNE_KEY's values and the inputs' dtype."""
-    return " ".join(f"{k}={args[k]}" for k in TUNE_KEY) + f" dtype={str(dtype).removeprefix('torch.')}"
+def shape_class(args: dict, dtype: object, key: list[str] = TUNE_KEY) -> str:
+    """The autotune key of one launch as text: the values of ``key`` (TUNE_KEY, or WS_TUNE_KEY for
+    the warp-specialized forward) and the inputs' dtype."""
+    return " ".join(f"{k}={args[k]}" for k in key) + f" dtype={str(dtype).removeprefix('torch.')}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,11 +71,14 @@ def _tuning_file(path: str) -> dict:
 #   outputs); 2 stages take 236. At D=64: 170 against 204. (With both 2D RoPE and a causal mask above
 #   D=64 every dK/dV config spills, profiles/varlen_attention.md; the ViT is not causal.)
 # - dq, 4 warps / 2 stages: no dQ config spills; at D=128 this one runs 3 CTAs/SM (165).
+# - fwd_ws, 4 warps a partition / 2 stages: no config spills (consumers at 232 after setmaxnreg); 2
+#   stages of K and V keep D=128 at 112 KiB where 3 take 145 KiB.
 # tests/test_gpu_pass_plan.py holds these to the report's baseline (profiles/kernel_report.json).
 _PINNED = {
     "fwd": {64: (8, 2), 128: (8, 2)},
     "dkdv": {64: (8, 2), 128: (8, 2)},
     "dq": {64: (4, 2), 128: (4, 2)},
+    "fwd_ws": {64: (4, 2), 128: (4, 2)},
 }
 
 
@@ -87,7 +95,7 @@ def pinned_pair(kernel: str, gpu: str, shape: str, head_dim: int) -> tuple[int, 
     return tuple(recorded) if recorded else _PINNED[kernel][head_dim_class(head_dim)]
 
 
-def prune_by_mode(kernel: str):
+def prune_by_mode(kernel: str, key: list[str] = TUNE_KEY):
     """Triton's early_config_prune hook: every config when searching, the pinned one otherwise."""
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
@@ -101,7 +109,7 @@ def prune_by_mode(kernel: str):
         q = nargs["q_ptr"]
         gpu = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
         args = {**nargs, **kwargs}
-        want = pinned_pair(kernel, gpu, shape_class(args, q.dtype), args["HEAD_DIM"])
+        want = pinned_pair(kernel, gpu, shape_class(args, q.dtype, key), args["HEAD_DIM"])
         return [c for c in configs if (c.num_warps, c.num_stages) == want] or configs[:1]
 
     return {"early_config_prune": prune}

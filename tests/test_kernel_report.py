@@ -85,6 +85,29 @@ def test_comparison_flags_lost_tensor_cores_and_lost_pipelining():
     assert len(found) == 1 and "no longer pipelined" in found[0], found
 
 
+def test_comparison_flags_lost_warp_specialization():
+    specialized = next(k for k in _hot_keys() if BASELINE["kernels"][k].get("mma_partitions"))
+    row = _row(specialized)
+    assert row["mma_partitions"] == 2 and row["in_flight"] == 2 and kr.regressions(BASELINE, [row]) == []
+    row["mma_partitions"] = None
+    found = kr.regressions(BASELINE, [row])
+    assert len(found) == 1 and "specialization lost" in found[0], found
+
+
+def test_ttgir_mma_partitions_counts_the_partitions_that_issue_wgmma():
+    plain = "tt.func @k() {\n  %0 = ttng.warp_group_dot %a, %b, %c\n}"
+    assert kr.ttgir_mma_partitions(plain) is None
+    ws = (
+        "ttg.warp_specialize(%x)\n    default {\n      ttng.async_tma_copy_global_to_local %d\n"
+        "    }\n    partition0(%a: i32) num_warps(4) {\n      %s = ttng.warp_group_dot %q, %k, %z\n"
+        "    }\n    partition1(%a: i32) num_warps(4) {\n      %s = ttng.warp_group_dot %q, %k, %z\n"
+        "    }\n    partition2(%a: i32) num_warps(1) {\n      ttng.arrive_barrier %b\n    }\n"
+    )
+    assert kr.ttgir_mma_partitions(ws) == 2
+    row = kr.Row("triton", "op", "k", "s", 168, 0, 0, 0, 384, 1, 12, "regs", "wgmma", [0], mma_partitions=2)
+    assert row.in_flight == 2 and kr.Row(**{**row.__dict__, "mma_partitions": None}).in_flight == 1
+
+
 def test_comparison_flags_a_hot_kernel_that_did_not_compile():
     keys = _hot_keys()
     rows = [_row(k) for k in keys[1:]]

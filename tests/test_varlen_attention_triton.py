@@ -161,6 +161,76 @@ def test_matches_reference_at_the_gpu_tiles(monkeypatch, case):
     _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
 
 
+def _spy_ws(monkeypatch) -> list[int]:
+    """Select the warp-specialized forward ($SEEDVL_ATTENTION_WS=1) and count its launches."""
+    monkeypatch.setenv(vat.WS_ENV, "1")
+    launched, launch = [], vat._launch_fwd_ws
+    monkeypatch.setattr(vat, "_launch_fwd_ws", lambda *a, **k: launched.append(1) or launch(*a, **k))
+    return launched
+
+
+WS_CASES = [
+    "noncausal", "causal_lq_ne_lk", "gqa", "empty_first_middle_last", "padding", "long_among_tiny",
+    "d72_gqa", "rope", "rope_causal_d40",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", WS_CASES)
+def test_warp_specialized_forward_matches_reference(monkeypatch, case):
+    """The warp-specialized forward (one masked key loop over TMA descriptors, q rotated before the
+    launch, padding rows from its own kernel) against the reference, with the usual backward."""
+    launched = _spy_ws(monkeypatch)
+    inputs, call = _split(CASES[case])
+    q, k, v, kw = _case(**inputs)
+    out, lse, dq, _, _ = _compare(q, k, v, {**kw, **call}, name=f"ws {case}")
+    assert launched == [1]
+    end_q = int(kw["cu_seqlens"][-1])
+    assert not out[end_q:].any() and torch.isneginf(lse[:, end_q:]).all() and not dq[end_q:].any()
+
+
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES))
+def test_warp_specialized_forward_at_the_gpu_tiles(monkeypatch, case):
+    """At the sm_90 tiles (128 x 64): descriptors of 128 query rows over sequences shorter and longer
+    than one tile, the head-dim split (64 + 16 columns, the second piece read at column 64)."""
+    launched = _spy_ws(monkeypatch)
+    inputs, call = _split(GPU_TILE_CASES[case])
+    gpu = vat.tiles_for(torch.device("cuda"), inputs["d"], 256, 256)
+    monkeypatch.setattr(vat, "tiles_for", lambda *args: gpu)
+    q, k, v, kw = _case(**inputs)
+    _compare(q, k, v, {**kw, **call}, name=f"ws {case} at {gpu}")
+    assert launched == [1]
+
+
+def test_warp_specialized_forward_fp16_and_rotated_q(monkeypatch):
+    """fp16, and the rotated q the op returns equals the plain kernel's (both round as rope_2d)."""
+    q, k, v, kw = _case([7, 0, 33], hq=4, hkv=2, rope=True, pad_q=5, dtype=torch.float16)
+    args = (q, k, v, kw["cu_seqlens"], kw["cu_seqlens"], 33, 33, False, 0.25, kw["pos_hw"], 1e4, "triton")
+    plain = torch.ops.seedvl.varlen_attention_fwd(*args)
+    launched = _spy_ws(monkeypatch)
+    ws = torch.ops.seedvl.varlen_attention_fwd(*args)
+    assert launched == [1]
+    assert torch.equal(ws[2], plain[2]) and torch.equal(ws[3], plain[3])  # q_rot, k_rot
+    assert_close(ws[0], plain[0], "out", **tol(torch.float16, 4))
+    _compare(q, k, v, kw, scale_tol=8.0, name="ws fp16 rope")
+
+
+def test_warp_specialized_forward_falls_back_and_validates(monkeypatch):
+    """Inputs TMA cannot address (a head stride of 17 fp32 elements, not a multiple of 16 bytes) run
+    the plain kernel; the switch takes 0 or 1 only."""
+    q, k, v, kw = _case([5, 20], hq=2, hkv=2, d=16)
+    q17 = torch.zeros(q.shape[0], 2, 17, device=DEVICE)[..., :16].copy_(q)
+    assert not vat.tma_compatible(q17) and vat.tma_compatible(q)
+    args = (k, v, kw["cu_seqlens"], kw["cu_seqlens"], 20, 20, False, 0.25, None, 1e4, "triton")
+    expected = torch.ops.seedvl.varlen_attention_fwd(q, *args)
+    launched = _spy_ws(monkeypatch)
+    got = torch.ops.seedvl.varlen_attention_fwd(q17, *args)
+    assert launched == []
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    monkeypatch.setenv(vat.WS_ENV, "yes")
+    with pytest.raises(ValueError, match="SEEDVL_ATTENTION_WS"):
+        va.varlen_attention(q, k, v, **kw, impl="triton")
+
+
 def test_dkdv_splits_rule():
     # 2k tokens, 4 KV heads, 64-row key tiles on 132 SMs: 128 programs -> 256 -> 512 (>= 2 per SM)
     assert vat.dkdv_splits(32, 4, 8, 132) == 4
@@ -441,6 +511,24 @@ def test_gpu_causal_gqa_unequal_lengths(d):
     v = torch.randn_like(k)
     kw = dict(cu_seqlens=_cu(lens_q), max_seqlen=2048, cu_seqlens_k=_cu(lens_k), max_seqlen_k=2048)
     _gpu_compare(q, k, v, {**kw, "causal": True})
+
+
+@pytest.mark.gpu
+def test_gpu_warp_specialized_forward(monkeypatch):
+    """$SEEDVL_ATTENTION_WS=1 on the GPU: the TMA + warp-specialized forward really runs (sm_90+)
+    and holds the bf16 bound on a ViT pack with RoPE (d64, d80 split) and a causal GQA LLM pack."""
+    launched = _spy_ws(monkeypatch)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the warp-specialized forward needs TMA (sm_90+)")
+    _gpu_compare(*_vit_pack([(32, 32), (64, 64), (16, 40), (1, 1), (46, 28)]))
+    _gpu_compare(*_vit_pack([(32, 32), (7, 9)], d=80))
+    lens_q, lens_k = [300, 1, 2048, 0, 77], [900, 1, 2048, 5, 70]
+    q = torch.randn(sum(lens_q) + 5, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k) + 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = dict(cu_seqlens=_cu(lens_q), max_seqlen=2048, cu_seqlens_k=_cu(lens_k), max_seqlen_k=2048)
+    _gpu_compare(q, k, v, {**kw, "causal": True})
+    assert launched == [1, 1, 1]
 
 
 @pytest.mark.gpu
