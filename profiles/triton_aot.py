@@ -200,6 +200,7 @@ _ATTENTION_UNALIGNED = frozenset({"stride_pos_t", "stride_pos_c", "stride_lse_h"
 def attention_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterator[Launch]:
     """The forward, dK/dV and dQ launches of varlen_attention for each case."""
     from seedvl_kernels import varlen_attention_triton as vat
+    from seedvl_kernels.varlen_attention_triton_common import searched
 
     cuda = torch.device("cuda")
     kernels = (
@@ -218,14 +219,15 @@ def attention_launches(dtype: torch.dtype, cases: list[AttentionCase]) -> Iterat
             if fp32_out and name == "fwd" and not rope:
                 pointers["q_rot_ptr"] = "*fp32"  # the launcher passes out as the unused rotated-q pointer
             configs = kernel.configs if all_configs else kernel.configs[:1]
-            for cfg in configs:
+            for cfg in [c for c in configs if searched(name, c, d, bm)]:  # what search mode times
+                block_n = cfg.kwargs.get("BLOCK_N", bn)  # the forward's is a config dimension
                 label = (
-                    f"{name} D={d} rope={rope:d} causal={causal:d} {bm}x{bn}"
+                    f"{name} D={d} rope={rope:d} causal={causal:d} {bm}x{block_n}"
                     f"{' fp32 out' if fp32_out else ''} w{cfg.num_warps} s{cfg.num_stages}"
                 )
                 yield Launch(
-                    "varlen_attention", label, kernel, consts, cfg.num_warps, cfg.num_stages,
-                    unaligned=_ATTENTION_UNALIGNED, pointers=pointers,
+                    "varlen_attention", label, kernel, {**consts, **cfg.kwargs}, cfg.num_warps,
+                    cfg.num_stages, unaligned=_ATTENTION_UNALIGNED, pointers=pointers,
                 )  # fmt: skip
 
 

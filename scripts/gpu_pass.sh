@@ -190,7 +190,7 @@ PY
   SEEDVL_ATTENTION_WS=1 SEEDVL_BENCH_JSONL="$OUT/bench_ws.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_ws" \
     SEEDVL_BENCH_PEERS=torch_varlen "$PY" -m pytest bench/bench_varlen_attention.py -q -rs -p no:cacheprovider \
     --benchmark-disable -k "(1k_images or llm_causal_gqa) and triton and not no_rope" || rc=$?
-  # Issue 19, MoE (profiles/grouped_gemm.md), last so that a cut-off stage loses these first. The
+  # Issue 19, MoE (profiles/grouped_gemm.md), near the end so that a cut-off stage loses these first. The
   # curated triton fwd rows again: with the persistent M-grouped kernel (bench_persistent.jsonl), and
   # with the tile search keyed on (N, K, dtype) instead of the pinned heuristic (bench_search.jsonl);
   # each against bench.jsonl's per-tile, pinned rows.
@@ -201,6 +201,12 @@ PY
   SEEDVL_AUTOTUNE=search SEEDVL_BENCH_JSONL="$OUT/bench_search.jsonl" \
     SEEDVL_BENCH_RESULTS="$OUT/results_search" SEEDVL_BENCH_PEERS=grouped_mm \
     "$PY" -m pytest bench/bench_moe.py -q -rs -p no:cacheprovider --benchmark-disable -k "$moe_k" || rc=$?
+  # Issue 19, last (every config compiles): the attention tile search (4-5 backward stages, 128-key
+  # forward blocks at D <= 64), the same rows under SEEDVL_AUTOTUNE=search, its winners saved beside.
+  SEEDVL_AUTOTUNE=search SEEDVL_AUTOTUNE_SAVE="$OUT/autotune_attention.json" \
+    SEEDVL_BENCH_JSONL="$OUT/bench_attn_search.jsonl" SEEDVL_BENCH_RESULTS="$OUT/results_attn_search" \
+    SEEDVL_BENCH_PEERS=torch_varlen "$PY" -m pytest bench/bench_varlen_attention.py -q -rs -p no:cacheprovider \
+    --benchmark-disable -k "(1k_images or llm_causal_gqa) and triton and not no_rope" || rc=$?
   return $rc
 }
 

@@ -93,9 +93,10 @@ from .varlen_attention_triton_bwd import (
     _varlen_attention_bwd_preprocess_kernel,
 )
 from .varlen_attention_triton_common import (
-    TUNE_KEY,
+    TUNE_KEYS,
     WS_TUNE_KEY,
     _varlen_attention_schedule_kernel,
+    config_tuple,
     shape_class,
 )
 from .varlen_attention_triton_fwd import _varlen_attention_fwd_kernel
@@ -339,13 +340,15 @@ def launch_fwd(
         _launch_fwd_ws(q_rot if rope else q, k, v, p, out, lse, q_rot_, rope, tiles, sched, num_seqs)
         return
     grid = (sched.num_table * Hq + triton.cdiv(T, PAD_ROWS),)
+    args = _kernel_args(D, rope, p.causal, tiles.fwd_m, tiles.fwd_n, q.dtype)
+    if not _backends.triton_interpret():
+        del args["BLOCK_N"]  # an autotune dimension on a GPU (varlen_attention_triton_common.configs)
     _varlen_attention_fwd_kernel[grid](
         q, k, v, out, lse, q_rot_, sched.records, sched.table, p.cu_seqlens_q, cs,
         num_seqs, sched.num_table, T, Hq, Hq // Hkv, p.softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), q_rot_.stride(0), q_rot_.stride(1),
-        ROPE_ROWS=min(tiles.rope_rows, tiles.fwd_m),
-        **_kernel_args(D, rope, p.causal, tiles.fwd_m, tiles.fwd_n, q.dtype),
+        ROPE_ROWS=min(tiles.rope_rows, tiles.fwd_m), **args,
     )  # fmt: skip
 
 
@@ -441,9 +444,9 @@ def save_tuning(path: str | Path) -> dict:
         "fwd_ws": _varlen_attention_fwd_ws_kernel,
     }
     for name, kernel in kernels.items():
-        tune_key = WS_TUNE_KEY if name == "fwd_ws" else TUNE_KEY
+        tune_key = TUNE_KEYS[name]
         for key, cfg in getattr(kernel, "cache", {}).items():  # key: the tune key's values, then dtypes
             shape = shape_class(dict(zip(tune_key, key, strict=False)), key[len(tune_key)], tune_key)
-            gpu.setdefault(name, {})[shape] = [cfg.num_warps, cfg.num_stages]
+            gpu.setdefault(name, {})[shape] = list(config_tuple(cfg))
     path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     return table

@@ -15,42 +15,58 @@ from . import _backends
 
 # (num_warps, num_stages) tried by the autotuner per kernel. Offline compiles for sm_90 (bf16, head
 # dim 64: profiles/triton_aot.py) show dK/dV spilling with 4 warps, so it gets 8 only.
+# The backward's deeper pipelines (4-5 stages) are in where registers allow (profiles/varlen_attention.md,
+# 2026-12-02): dQ never spills at 4-5 stages; dK/dV at 4 stages takes 230 registers at D=64 and 217
+# at D=80 but spills 200 B at D=128, so searched() keeps it to head dims up to 96.
 _PAIRS = {
     "fwd": [(4, 2), (4, 3), (8, 2), (8, 3)],
-    "dkdv": [(8, 2), (8, 3)],
-    "dq": [(4, 2), (8, 2), (8, 3)],
+    "dkdv": [(8, 2), (8, 3), (8, 4)],
+    "dq": [(4, 2), (8, 2), (8, 3), (4, 4), (8, 4), (4, 5)],
     # The warp-specialized forward (varlen_attention_triton_fwd_ws): num_warps is per partition (the
     # launch runs 3 x 4 warps); Triton 3.9 leaves an 8-warp launch unpartitioned.
     "fwd_ws": [(4, 2), (4, 3)],
 }
+# The forward's key block is an autotune dimension on a GPU: BLOCK_N 64 with every pair above, and
+# 128 (half the softmax row reductions a key) with the pairs that do not spill there (8 warps: 192
+# and 172 registers at D=64; every 128-key config spills or fills shared memory at D=128,
+# profiles/varlen_attention_pipelining.md), searched at head dims up to 64 only (``searched``).
+FWD_BLOCK_N = 64
+WIDE_N_PAIRS = [(8, 2), (8, 3)]
 
 
 def configs(kernel: str) -> list[triton.Config]:
-    """A handful of configs for ``kernel``; the interpreter gets exactly one (no tuning runs)."""
+    """A handful of configs for ``kernel``; the interpreter gets exactly one (no tuning runs; the
+    forward's BLOCK_N then comes from the launcher, the interpreter's tiles)."""
     if _backends.triton_interpret():
         return [triton.Config({}, num_warps=4, num_stages=1)]
+    if kernel == "fwd":
+        out = [triton.Config({"BLOCK_N": FWD_BLOCK_N}, num_warps=w, num_stages=s) for w, s in _PAIRS[kernel]]
+        return out + [triton.Config({"BLOCK_N": 128}, num_warps=w, num_stages=s) for w, s in WIDE_N_PAIRS]
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in _PAIRS[kernel]]
 
 
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "ROPE", "BLOCK_M", "BLOCK_N", "DOT_PREC"]
+FWD_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "ROPE", "BLOCK_M", "DOT_PREC"]  # BLOCK_N is tuned
 WS_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "DOT_PREC"]  # q arrives rotated: no ROPE
+TUNE_KEYS = {"fwd": FWD_TUNE_KEY, "dkdv": TUNE_KEY, "dq": TUNE_KEY, "fwd_ws": WS_TUNE_KEY}
 
 # Autotuning, deterministic and cheap. $SEEDVL_AUTOTUNE (read at each new shape class):
-#   "search" (default): time every config of _PAIRS once per shape class (TUNE_KEY + dtype), as
-#       Triton's autotuner does; the winner can differ from run to run when two are close.
+#   "search" (default): time every config of _PAIRS once per shape class (the kernel's TUNE_KEYS +
+#       dtype), as Triton's autotuner does; the winner can differ from run to run when two are close.
 #   "pinned": one config per shape class, no timing: the one $SEEDVL_AUTOTUNE_FILE records for this
 #       GPU, else _PINNED's for the kernel and head-dim class. Benchmarks and bitwise-determinism tests
 #       run this way, so every run (and every process) of a shape class compiles and runs the same
 #       code, reducing in the same order, and only one config is compiled.
-# The file is JSON, {gpu name: {kernel: {shape class: [num_warps, num_stages]}}}, as written by
-# varlen_attention_triton.save_tuning() after a search on that GPU.
+# The file is JSON, {gpu name: {kernel: {shape class: [num_warps, num_stages]}}} (a third element,
+# the forward's BLOCK_N, when it is not 64), as written by varlen_attention_triton.save_tuning()
+# after a search on that GPU.
 AUTOTUNE_ENV = "SEEDVL_AUTOTUNE"
 AUTOTUNE_FILE_ENV = "SEEDVL_AUTOTUNE_FILE"
 
 
 def shape_class(args: dict, dtype: object, key: list[str] = TUNE_KEY) -> str:
-    """The autotune key of one launch as text: the values of ``key`` (TUNE_KEY, or WS_TUNE_KEY for
-    the warp-specialized forward) and the inputs' dtype."""
+    """The autotune key of one launch as text: the values of ``key`` (the kernel's TUNE_KEYS entry)
+    and the inputs' dtype."""
     return " ".join(f"{k}={args[k]}" for k in key) + f" dtype={str(dtype).removeprefix('torch.')}"
 
 
@@ -87,21 +103,41 @@ def head_dim_class(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 128
 
 
-def pinned_pair(kernel: str, gpu: str, shape: str, head_dim: int) -> tuple[int, int]:
-    """(num_warps, num_stages) of ``kernel`` for a shape class under SEEDVL_AUTOTUNE=pinned: the
-    tuning file's for ``gpu``, else the default of ``head_dim``'s class."""
+def pinned_pair(kernel: str, gpu: str, shape: str, head_dim: int) -> tuple[int, ...]:
+    """(num_warps, num_stages) of ``kernel`` for a shape class under SEEDVL_AUTOTUNE=pinned (and the
+    forward's BLOCK_N third where a tuning file records one other than 64): the tuning file's for
+    ``gpu``, else the default of ``head_dim``'s class."""
     path = os.environ.get(AUTOTUNE_FILE_ENV)
     recorded = _tuning_file(path).get(gpu, {}).get(kernel, {}).get(shape) if path else None
     return tuple(recorded) if recorded else _PINNED[kernel][head_dim_class(head_dim)]
 
 
+def config_tuple(cfg: triton.Config) -> tuple[int, ...]:
+    """(num_warps, num_stages), then BLOCK_N where a config sets one other than 64: how the tuning
+    file and pinned_pair name a config."""
+    block_n = cfg.kwargs.get("BLOCK_N", FWD_BLOCK_N)
+    return (cfg.num_warps, cfg.num_stages) + (() if block_n == FWD_BLOCK_N else (block_n,))
+
+
+def searched(kernel: str, cfg: triton.Config, head_dim: int, block_m: int = 128) -> bool:
+    """Whether search mode times ``cfg`` of ``kernel``: all but dK/dV's 4-stage ones above D=96
+    (they spill) and the forward's 128-key ones above D=64 (they spill) or with 64-row query tiles
+    (every sequence within 64 tokens: a 128-key block would be half padding)."""
+    if kernel == "dkdv" and cfg.num_stages >= 4:
+        return head_dim <= 96
+    if kernel == "fwd" and cfg.kwargs.get("BLOCK_N", FWD_BLOCK_N) > FWD_BLOCK_N:
+        return head_dim <= 64 and block_m >= 128
+    return True
+
+
 def prune_by_mode(kernel: str, key: list[str] = TUNE_KEY):
-    """Triton's early_config_prune hook: every config when searching, the pinned one otherwise."""
+    """Triton's early_config_prune hook: the searched configs when searching, the pinned one otherwise."""
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         mode = os.environ.get(AUTOTUNE_ENV, "search")
         if mode == "search":
-            return configs
+            args = {**nargs, **kwargs}
+            return [c for c in configs if searched(kernel, c, args["HEAD_DIM"], args["BLOCK_M"])]
         if mode != "pinned":
             raise ValueError(f"${AUTOTUNE_ENV}: expected 'search' or 'pinned', got {mode!r}")
         import torch
@@ -110,7 +146,7 @@ def prune_by_mode(kernel: str, key: list[str] = TUNE_KEY):
         gpu = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else q.device.type
         args = {**nargs, **kwargs}
         want = pinned_pair(kernel, gpu, shape_class(args, q.dtype, key), args["HEAD_DIM"])
-        return [c for c in configs if (c.num_warps, c.num_stages) == want] or configs[:1]
+        return [c for c in configs if config_tuple(c) == tuple(want)] or configs[:1]
 
     return {"early_config_prune": prune}
 

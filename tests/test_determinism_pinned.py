@@ -100,7 +100,7 @@ def ran_configs() -> dict[str, dict[str, list[int]]]:
     """{kernel: {shape class: [num_warps, num_stages]}} the attention autotuner ran in this process
     (empty under the interpreter, which has a single config)."""
     from seedvl_kernels import varlen_attention_triton as vat
-    from seedvl_kernels.varlen_attention_triton_common import TUNE_KEY, shape_class
+    from seedvl_kernels.varlen_attention_triton_common import TUNE_KEYS, config_tuple, shape_class
 
     kernels = {
         "fwd": vat._varlen_attention_fwd_kernel,
@@ -109,9 +109,10 @@ def ran_configs() -> dict[str, dict[str, list[int]]]:
     }
     table = {}
     for name, kernel in kernels.items():
-        for key, cfg in getattr(kernel, "cache", {}).items():  # key: TUNE_KEY values, then dtypes
-            shape = shape_class(dict(zip(TUNE_KEY, key, strict=False)), key[len(TUNE_KEY)])
-            table.setdefault(name, {})[shape] = [cfg.num_warps, cfg.num_stages]
+        tune_key = TUNE_KEYS[name]
+        for key, cfg in getattr(kernel, "cache", {}).items():  # key: the tune key's values, then dtypes
+            shape = shape_class(dict(zip(tune_key, key, strict=False)), key[len(tune_key)], tune_key)
+            table.setdefault(name, {})[shape] = list(config_tuple(cfg))
     return table
 
 

@@ -157,27 +157,55 @@ def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatc
     from seedvl_kernels import varlen_attention_triton as vat
     from seedvl_kernels import varlen_attention_triton_common as common
 
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in common._PAIRS["fwd"]]
+    configs = [triton.Config({"BLOCK_N": 64}, num_warps=w, num_stages=s) for w, s in common._PAIRS["fwd"]]
+    configs += [triton.Config({"BLOCK_N": 128}, num_warps=w, num_stages=s) for w, s in common.WIDE_N_PAIRS]
     nargs = {"q_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    key = {"HEAD_DIM": 64, "CAUSAL": False, "ROPE": True, "BLOCK_M": 128, "BLOCK_N": 64, "DOT_PREC": "ieee"}
-    prune = common.prune_by_mode("fwd")["early_config_prune"]
+    key = {"HEAD_DIM": 64, "CAUSAL": False, "ROPE": True, "BLOCK_M": 128, "DOT_PREC": "ieee"}
+    assert list(key) == common.FWD_TUNE_KEY
+    prune = common.prune_by_mode("fwd", common.FWD_TUNE_KEY)["early_config_prune"]
     monkeypatch.delenv(common.AUTOTUNE_FILE_ENV, raising=False)
     monkeypatch.setenv(common.AUTOTUNE_ENV, "search")
     assert prune(configs, nargs, **key) == configs
+    wide = [c for c in configs if c.kwargs["BLOCK_N"] == 128]  # searched up to D=64, 128-row tiles
+    assert not set(prune(configs, nargs, **{**key, "HEAD_DIM": 128})) & set(wide)
+    assert not set(prune(configs, nargs, **{**key, "BLOCK_M": 64})) & set(wide)
     monkeypatch.setenv(common.AUTOTUNE_ENV, "pinned")
     (default,) = prune(configs, nargs, **key)
-    assert (default.num_warps, default.num_stages) == common._PINNED["fwd"][64]
+    assert common.config_tuple(default) == common._PINNED["fwd"][64] and default.kwargs["BLOCK_N"] == 64
 
-    winner = configs[1]
-    tune_key = (*key.values(), "torch.bfloat16", "torch.bfloat16")
-    monkeypatch.setattr(vat._varlen_attention_fwd_kernel, "cache", {tune_key: winner}, raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
     path = tmp_path / "autotune.json"
-    table = vat.save_tuning(path)
-    shape = common.shape_class(key, torch.bfloat16)
-    assert table["cpu"]["fwd"][shape] == [winner.num_warps, winner.num_stages]
-    monkeypatch.setenv(common.AUTOTUNE_FILE_ENV, str(path))
-    assert prune(configs, nargs, **key) == [winner]
+    shape = common.shape_class(key, torch.bfloat16, common.FWD_TUNE_KEY)
+    for winner, recorded in ((configs[1], [4, 3]), (wide[0], [8, 2, 128])):
+        tune_key = (*key.values(), "torch.bfloat16", "torch.bfloat16")
+        monkeypatch.setattr(vat._varlen_attention_fwd_kernel, "cache", {tune_key: winner}, raising=False)
+        table = vat.save_tuning(path)
+        assert table["cpu"]["fwd"][shape] == recorded
+        monkeypatch.setenv(common.AUTOTUNE_FILE_ENV, str(path))
+        common._tuning_file.cache_clear()
+        assert prune(configs, nargs, **key) == [winner]
+
+
+def test_attention_search_times_deeper_backward_pipelines_where_registers_allow(monkeypatch):
+    """Search mode times dQ at 4-5 stages at every head dim and dK/dV at 4 stages up to D=96; the
+    4-stage dK/dV spills at D=128 in the sm_90a compile and is not timed there."""
+    import torch
+    import triton
+
+    from seedvl_kernels import varlen_attention_triton_common as common
+
+    monkeypatch.setenv(common.AUTOTUNE_ENV, "search")
+    nargs = {"q_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    for kernel in ("dkdv", "dq"):
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in common._PAIRS[kernel]]
+        prune = common.prune_by_mode(kernel)["early_config_prune"]
+        deepest = {
+            d: max(c.num_stages for c in prune(configs, nargs, HEAD_DIM=d, BLOCK_M=64)) for d in (64, 80, 128)
+        }
+        assert deepest == ({64: 4, 80: 4, 128: 3} if kernel == "dkdv" else {64: 5, 80: 5, 128: 5}), deepest
+    rows = json.loads(KERNEL_REPORT.read_text())["kernels"]
+    assert not rows["triton varlen_attention: dkdv D=64 rope=1 causal=0 32x128 w8 s4"]["spill"]
+    assert "triton varlen_attention: dkdv D=128 rope=0 causal=1 32x64 w8 s4" not in rows
 
 
 KERNEL_REPORT = ROOT / "profiles" / "kernel_report.json"

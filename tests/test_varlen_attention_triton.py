@@ -11,6 +11,7 @@ the `gpu` tests at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -156,6 +157,17 @@ def test_matches_reference_at_the_gpu_tiles(monkeypatch, case):
     inputs, call = _split(GPU_TILE_CASES[case])
     gpu = vat.tiles_for(torch.device("cuda"), inputs["d"], 256, 256)
     assert gpu.fwd_m == 128 and gpu.rope_rows == 32, gpu
+    monkeypatch.setattr(vat, "tiles_for", lambda *args: gpu)
+    q, k, v, kw = _case(**inputs)
+    _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
+
+
+@pytest.mark.parametrize("case", ["vit_d64_rope", "d72_causal"])
+def test_forward_with_128_key_blocks_at_the_gpu_tiles(monkeypatch, case):
+    """BLOCK_N 128, the forward's other key block on a GPU (an autotune dimension there; here the
+    launcher passes the tiles' fwd_n): full and partial 128-key blocks, causal diagonal crossings."""
+    inputs, call = _split(GPU_TILE_CASES[case])
+    gpu = dataclasses.replace(vat.tiles_for(torch.device("cuda"), inputs["d"], 256, 256), fwd_n=128)
     monkeypatch.setattr(vat, "tiles_for", lambda *args: gpu)
     q, k, v, kw = _case(**inputs)
     _compare(q, k, v, {**kw, **call}, name=f"{case} at {gpu}")
