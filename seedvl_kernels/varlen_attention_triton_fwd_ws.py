@@ -56,6 +56,13 @@ def _varlen_attention_fwd_pad_kernel(
         _zero_rows(q_rot_ptr, stride_qr_t, stride_qr_h, lo, hi, num_heads, HEAD_DIM, BLOCK_D, BLOCK_R)
 
 
+@triton.jit
+def _rows(base, rows, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr):
+    """A TMA descriptor over ``rows`` x HEAD_DIM elements at ``base`` (row stride ``stride_t``) that
+    loads BLOCK_R x WIDTH blocks."""
+    return tl.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_t, 1], [BLOCK_R, WIDTH])
+
+
 @triton.autotune(
     configs=configs("fwd_ws"), key=WS_TUNE_KEY, prune_configs_by=prune_by_mode("fwd_ws", WS_TUNE_KEY)
 )
@@ -82,13 +89,15 @@ def _varlen_attention_fwd_ws_kernel(
             start_m = (local - head * ntiles) * BLOCK_M
             kv_head = head // group
             # Each descriptor spans one sequence of one head: rows past lq / lk and columns past
-            # HEAD_DIM read as zeros.
+            # HEAD_DIM read as zeros. A sequence without keys gets a 1-row K/V descriptor (a
+            # tensor map's dims must be nonzero) that the loop never reads (n_end = 0).
+            rows_k = tl.maximum(lk, 1)
             q_base = q_ptr + q0.to(tl.int64) * stride_q_t + head * stride_q_h
             k_base = k_ptr + k0.to(tl.int64) * stride_k_t + kv_head * stride_k_h
             v_base = v_ptr + k0.to(tl.int64) * stride_v_t + kv_head * stride_v_h
-            q_desc = tl.make_tensor_descriptor(q_base, [lq, HEAD_DIM], [stride_q_t, 1], [BLOCK_M, BLOCK_DA])
-            k_desc = tl.make_tensor_descriptor(k_base, [lk, HEAD_DIM], [stride_k_t, 1], [BLOCK_N, BLOCK_DA])
-            v_desc = tl.make_tensor_descriptor(v_base, [lk, HEAD_DIM], [stride_v_t, 1], [BLOCK_N, BLOCK_DA])
+            q_desc = _rows(q_base, lq, stride_q_t, HEAD_DIM, BLOCK_M, BLOCK_DA)
+            k_desc = _rows(k_base, rows_k, stride_k_t, HEAD_DIM, BLOCK_N, BLOCK_DA)
+            v_desc = _rows(v_base, rows_k, stride_v_t, HEAD_DIM, BLOCK_N, BLOCK_DA)
             q = q_desc.load([start_m, 0])
             acc = tl.zeros([BLOCK_M, BLOCK_DA], dtype=tl.float32)
             q_b = 0.0  # the second column piece of a split head dim (none without SPLIT_D)
@@ -96,15 +105,9 @@ def _varlen_attention_fwd_ws_kernel(
             k_desc_b = k_desc
             v_desc_b = v_desc
             if SPLIT_D:
-                q_desc_b = tl.make_tensor_descriptor(
-                    q_base, [lq, HEAD_DIM], [stride_q_t, 1], [BLOCK_M, BLOCK_DB]
-                )
-                k_desc_b = tl.make_tensor_descriptor(
-                    k_base, [lk, HEAD_DIM], [stride_k_t, 1], [BLOCK_N, BLOCK_DB]
-                )
-                v_desc_b = tl.make_tensor_descriptor(
-                    v_base, [lk, HEAD_DIM], [stride_v_t, 1], [BLOCK_N, BLOCK_DB]
-                )
+                q_desc_b = _rows(q_base, lq, stride_q_t, HEAD_DIM, BLOCK_M, BLOCK_DB)
+                k_desc_b = _rows(k_base, rows_k, stride_k_t, HEAD_DIM, BLOCK_N, BLOCK_DB)
+                v_desc_b = _rows(v_base, rows_k, stride_v_t, HEAD_DIM, BLOCK_N, BLOCK_DB)
                 q_b = q_desc_b.load([start_m, BLOCK_DA])
                 acc_b = tl.zeros([BLOCK_M, BLOCK_DB], dtype=tl.float32)
             offs_m = start_m + tl.arange(0, BLOCK_M)
