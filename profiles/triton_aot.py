@@ -282,6 +282,14 @@ def attention_aux_launches() -> Iterator[Launch]:
             "varlen_attention", f"bwd preprocess D={d}", vat._varlen_attention_bwd_preprocess_kernel,
             consts, 4, 1, unaligned=_ATTENTION_UNALIGNED, dot=False, loop=False,
         )  # fmt: skip
+    for d in (64, 128):  # the warp-specialized forward's padding rows (rotated q too at the ViT's D)
+        consts = dict(
+            HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), ROPE=d == 64, PAD=vat.PAD_ROWS, BLOCK_R=64
+        )
+        yield Launch(
+            "varlen_attention", f"fwd_ws padding D={d}", vat._varlen_attention_fwd_pad_kernel, consts, 4, 1,
+            unaligned=_ATTENTION_UNALIGNED, dot=False, loop=False,
+        )  # fmt: skip
     num_seqs = 64
     consts = dict(
         BLOCK_SEQ=triton.next_power_of_2(num_seqs),
