@@ -27,8 +27,8 @@ _PAIRS = {
     "fwd_ws": [(4, 2), (4, 3)],
 }
 # The forward's key block is an autotune dimension on a GPU: BLOCK_N 64 with every pair above, and
-# 128 (half the softmax row reductions a key) with the pairs that do not spill there (8 warps: 192
-# and 172 registers at D=64; every 128-key config spills or fills shared memory at D=128,
+# 128 (half the softmax row reductions a key) with the pairs that do not spill there (8 warps: 186
+# and 178 registers at D=64; every 128-key config spills or fills shared memory at D=128,
 # profiles/varlen_attention_pipelining.md), searched at head dims up to 64 only (``searched``).
 FWD_BLOCK_N = 64
 WIDE_N_PAIRS = [(8, 2), (8, 3)]
@@ -130,8 +130,9 @@ def searched(kernel: str, cfg: triton.Config, head_dim: int, block_m: int = 128)
     return True
 
 
-def prune_by_mode(kernel: str, key: list[str] = TUNE_KEY):
+def prune_by_mode(kernel: str):
     """Triton's early_config_prune hook: the searched configs when searching, the pinned one otherwise."""
+    key = TUNE_KEYS[kernel]
 
     def prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
         mode = os.environ.get(AUTOTUNE_ENV, "search")

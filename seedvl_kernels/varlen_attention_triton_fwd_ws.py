@@ -63,9 +63,7 @@ def _rows(base, rows, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, W
     return tl.make_tensor_descriptor(base, [rows, HEAD_DIM], [stride_t, 1], [BLOCK_R, WIDTH])
 
 
-@triton.autotune(
-    configs=configs("fwd_ws"), key=WS_TUNE_KEY, prune_configs_by=prune_by_mode("fwd_ws", WS_TUNE_KEY)
-)
+@triton.autotune(configs=configs("fwd_ws"), key=WS_TUNE_KEY, prune_configs_by=prune_by_mode("fwd_ws"))
 @triton.jit(do_not_specialize=["num_seqs", "num_table", "stride_lse_h"])
 def _varlen_attention_fwd_ws_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, rec_ptr, table_ptr,

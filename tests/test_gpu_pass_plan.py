@@ -162,7 +162,7 @@ def test_attention_autotune_pins_one_config_per_shape_class(tmp_path, monkeypatc
     nargs = {"q_ptr": torch.empty(1, dtype=torch.bfloat16)}
     key = {"HEAD_DIM": 64, "CAUSAL": False, "ROPE": True, "BLOCK_M": 128, "DOT_PREC": "ieee"}
     assert list(key) == common.FWD_TUNE_KEY
-    prune = common.prune_by_mode("fwd", common.FWD_TUNE_KEY)["early_config_prune"]
+    prune = common.prune_by_mode("fwd")["early_config_prune"]
     monkeypatch.delenv(common.AUTOTUNE_FILE_ENV, raising=False)
     monkeypatch.setenv(common.AUTOTUNE_ENV, "search")
     assert prune(configs, nargs, **key) == configs
