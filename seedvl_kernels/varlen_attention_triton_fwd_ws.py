@@ -39,6 +39,7 @@ from .varlen_attention_triton_common import (
     configs,
     prune_by_mode,
 )
+from .varlen_attention_triton_fwd import _visible_keys
 
 
 @triton.jit(do_not_specialize=["num_seqs", "total_q", "stride_lse_h"])
@@ -110,10 +111,7 @@ def _varlen_attention_fwd_ws_kernel(
                 acc_b = tl.zeros([BLOCK_M, BLOCK_DB], dtype=tl.float32)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             shift = lk - lq  # causal masks are bottom-right aligned
-            if CAUSAL:
-                n_end = tl.minimum(lk, tl.minimum(start_m + BLOCK_M, lq) + shift)
-            else:
-                n_end = lk
+            _, n_end = _visible_keys(start_m, lq, lk, CAUSAL, BLOCK_M, BLOCK_N)  # every block is masked here
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for start_n in tl.range(0, n_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
